@@ -1,0 +1,1 @@
+"""Thin command-line entrypoints: parse arguments, call pipeline/, print results."""

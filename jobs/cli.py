@@ -1,0 +1,78 @@
+"""The `maskrcnn` console script.
+
+Each subcommand is a module in jobs/ that defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules import torch, Ray
+and the rest inside ``run`` so that ``maskrcnn --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# (subcommand, module). Listed in the order `maskrcnn --help` shows them; a
+# module that does not exist yet is left out of the help.
+COMMANDS: list[tuple[str, str]] = [
+    ("demo", "jobs.demo"),
+    ("shapes", "jobs.shapes"),
+    ("train", "jobs.train"),
+    ("segment", "jobs.segment"),
+    ("evaluate", "jobs.evaluate"),
+    ("query", "jobs.query"),
+    ("export-coco", "jobs.export_coco"),
+    ("render", "jobs.render"),
+]
+
+
+class UsageError(Exception):
+    """An error in what the user asked for; printed as one line, exit code 2."""
+
+
+def available_commands() -> list[tuple[str, str]]:
+    return [(name, mod) for name, mod in COMMANDS if importlib.util.find_spec(mod) is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskrcnn",
+        description="maskrcnn: Mask R-CNN instance segmentation at dataset scale on Ray.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in available_commands():
+        module = importlib.import_module(modname)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"maskrcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for people; the traceback behind --debug
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = (
+            "" if isinstance(exc, UsageError | ValueError | OSError) else f"{type(exc).__name__}: "
+        )
+        print(f"maskrcnn {args.command}: error: {kind}{msg}", file=sys.stderr)
+        if not isinstance(exc, UsageError | ValueError | OSError):
+            print("  (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
