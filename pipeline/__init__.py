@@ -1,0 +1,1 @@
+"""Ray Data / Ray Train building blocks: storage, decoding, RLE, Parquet, COCO."""
