@@ -1,0 +1,95 @@
+"""The segment output contract: the Parquet schema and the manifest that commits it.
+
+A segment OUTPUT is a folder (any fsspec URI) holding Parquet data files and
+``_manifest.json``. The manifest is written last, as the commit point, and
+lists the data files (relative to OUTPUT) that make up the dataset. Readers
+read exactly those files and refuse an OUTPUT without a manifest: other files
+there may be the leftovers of a run that was killed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.storage import get_fs, join, redact
+
+MANIFEST_NAME = "_manifest.json"
+FORMAT = "maskrcnn-segment/1"
+
+INSTANCE_TYPE = pa.struct(
+    [
+        pa.field("label", pa.int32()),
+        pa.field("label_name", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in pixels
+        pa.field("mask_counts", pa.string()),  # COCO compressed RLE, size [height, width]
+        pa.field("area", pa.int64()),  # mask pixels
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field("error", pa.string()),  # short reason, null when ok
+        pa.field("width", pa.int32()),  # after EXIF orientation; null on error
+        pa.field("height", pa.int32()),
+        pa.field("instances", pa.list_(INSTANCE_TYPE)),  # score descending
+        pa.field("model", pa.string()),  # model id (hash of the weights)
+    ]
+)
+
+
+class IncompleteOutputError(FileNotFoundError):
+    """OUTPUT has no manifest: the run that writes it did not finish."""
+
+
+def manifest_uri(output: str) -> str:
+    return join(output, MANIFEST_NAME)
+
+
+def read_manifest(output: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The committed manifest of ``output``.
+
+    Raises IncompleteOutputError (naming OUTPUT) when there is none, and
+    ValueError when it is not a manifest this version understands.
+    """
+    fs, path = get_fs(manifest_uri(output), options)
+    if not fs.exists(path):
+        raise IncompleteOutputError(
+            f"{redact(output)} has no {MANIFEST_NAME}: the segment run did not finish "
+            "(re-run the same `maskrcnn segment` command to complete it)"
+        )
+    with fs.open(path, "rb") as f:
+        try:
+            manifest = json.loads(f.read())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{redact(manifest_uri(output))} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"{redact(manifest_uri(output))} is not a {FORMAT} manifest "
+            f"(format={manifest.get('format') if isinstance(manifest, dict) else None!r})"
+        )
+    return manifest
+
+
+def committed_files(output: str, options: dict[str, Any] | None = None) -> list[str]:
+    """Full URIs of the Parquet files the manifest of ``output`` commits."""
+    manifest = read_manifest(output, options)
+    return [join(output, rel) for rel in manifest["files"]]
+
+
+# Manifest fields (writer: pipeline/segment; readers: query, export-coco, evaluate, render):
+#   format      FORMAT
+#   run_id      str, unique per run
+#   model       model id, equal to the rows' `model` column
+#   model_uri   redacted URI of the checkpoint (or torchvision weights path)
+#   config      the model config as a dict (class_names included)
+#   input       redacted INPUT URI
+#   files       list of data files relative to OUTPUT (the dataset, nothing else)
+#   counts      {"images", "ok", "error", "instances"}: images == ok + error == rows
+#   started, finished   ISO 8601 UTC
+#   versions    {"maskrcnn", "torch", "torchvision", "ray", "pyarrow"}
