@@ -32,9 +32,9 @@ CATEGORIES: list[dict[str, Any]] = [
 ]
 SPLIT_STREAMS = {"train": 0, "val": 1}
 MIN_SIZE = 32  # below this the smallest shapes would be a few pixels wide
-# A shape must keep this share of its own area visible (and at least
-# MIN_VISIBLE_PIXELS) or it is left out of the image: a sliver of a shape is
-# noise as a training target.
+# An occluded shape must keep this share of its own area visible (and at
+# least MIN_VISIBLE_PIXELS) or it is left out of the image: a sliver of a
+# shape is noise as a training target.
 MIN_VISIBLE_FRACTION = 0.3
 MIN_VISIBLE_PIXELS = 16
 # Colours of different shapes (and of a shape and the background) differ by at
@@ -110,14 +110,13 @@ def draw_shapes_image(rng: np.random.Generator, size: int) -> ShapesImage:
             owner[full_masks[k]] = k
         return owner
 
-    keep = list(range(count))
-    owner = owners(keep)
-    visible = [int((owner == k).sum()) for k in keep]
-    keep = [
-        k
-        for k in keep
-        if visible[k] >= max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * full_masks[k].sum())
-    ]
+    owner = owners(list(range(count)))
+    keep = []
+    for k in range(count):
+        visible, full = int((owner == k).sum()), int(full_masks[k].sum())
+        # An unoccluded shape always stays (the top one is never occluded).
+        if visible == full or visible >= max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * full):
+            keep.append(k)
     # Leaving a shape out only uncovers pixels of the shapes under it, so the
     # shapes kept stay above the threshold: one pass is enough.
     owner = owners(keep)

@@ -1,0 +1,480 @@
+"""COCO-format datasets at any fsspec URI (local, s3://, memory://) as training samples.
+
+``CocoDataset(annotations, image_root=None)`` reads the annotations JSON once,
+checks every annotation without touching the images, and lists the image root
+once to find missing files. Images are read and decoded only in ``load`` /
+``__getitem__``.
+
+What is skipped, and how it is reported: annotations with an unknown image or
+category id, a degenerate box field, an empty, malformed or wrong-sized
+segmentation; images with a missing file or no size. These are counted and
+reported in one warning line when the dataset is built. An image that turns out
+undecodable (or of another size than the JSON says) is found when it is
+loaded: ``load`` then returns None, logs one warning for that file, counts it
+in ``skipped_images`` and remembers it, so later epochs skip it without a
+read. ``__iter__`` and ``collate`` drop those Nones, so one bad file never
+stops a training loop.
+
+Targets follow torchvision's convention. Boxes are the extent of each object's
+mask, not the ``bbox`` field: the mask is the training target the box head and
+mask head must agree on (the mask target is the mask cropped to the box), the
+extent is exact where ``bbox`` fields are often rounded or loose, and it stays
+exact when a trainer flips or resizes the mask. The ``bbox`` field is only
+checked (a degenerate one marks a broken annotation) and kept for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import posixpath
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import storage
+
+logger = logging.getLogger(__name__)
+
+ANNOTATIONS_FILE = "annotations.json"
+Sample = tuple[torch.Tensor, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Object:
+    category_id: int
+    label: int
+    iscrowd: bool
+    rle: dict  # compressed COCO RLE of the full-image mask: {"size": [h, w], "counts": bytes}
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 of the mask's extent, pixels
+    area: float  # the file's "area" (evaluation's size ranges use it), else mask pixels
+    bbox: list[float]  # the file's [x, y, w, h], else the mask's extent
+
+
+@dataclass(slots=True)
+class _Image:
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    objects: list[_Object]
+
+
+def _rle_string_total(counts: str) -> int | None:
+    """Sum of the run lengths in a COCO compressed RLE string; None when malformed.
+
+    pycocotools decodes a string whose runs do not fill the image into
+    uninitialised memory, so the total is checked first.
+    """
+    total, runs, value, shift = 0, [], 0, 0
+    for ch in counts:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:  # sign bit of the last 5-bit group
+            value -= 1 << shift
+        if len(runs) > 2:  # runs after the third are stored as deltas
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        total += value
+        value, shift = 0, 0
+    return total if shift == 0 else None
+
+
+def _segmentation_rle(segm: Any, height: int, width: int) -> tuple[dict | None, str | None]:
+    """(compressed RLE, None) for a polygon list or RLE dict, else (None, skip reason)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segm, list):
+        if segm and all(isinstance(v, int | float) for v in segm):
+            segm = [segm]  # a single flat polygon
+        # pycocotools reads a 4-number "polygon" as a box: drop anything under 3 points.
+        polygons = [[float(v) for v in p] for p in segm if isinstance(p, list) and len(p) >= 6]
+        if not polygons:
+            return None, "empty segmentation"
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if [int(v) for v in segm["size"]] != [height, width]:
+            return None, "segmentation size mismatch"
+        counts = segm["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            runs = np.asarray(counts, dtype=np.int64)
+            if runs.ndim != 1 or (runs < 0).any() or int(runs.sum()) != height * width:
+                return None, "invalid segmentation"
+            rle = mask_utils.frPyObjects(segm, height, width)
+        elif isinstance(counts, str | bytes):  # compressed RLE
+            text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+            if _rle_string_total(text) != height * width:
+                return None, "invalid segmentation"
+            rle = {"size": [height, width], "counts": text.encode("ascii")}
+        else:
+            return None, "invalid segmentation"
+    elif segm is None or segm == {}:
+        return None, "empty segmentation"
+    else:
+        return None, "invalid segmentation"
+    if int(mask_utils.area(rle)) == 0:
+        return None, "empty segmentation"
+    return rle, None
+
+
+def _box_is_degenerate(bbox: Any, height: int, width: int) -> bool:
+    """True when a [x, y, w, h] field has no area once clipped to the image (or is malformed)."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return True
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return not (x2 - x1 > 0 and y2 - y1 > 0)
+
+
+def _counts_text(counts: Counter) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """uint8 [H, W, 3] RGB from encoded image bytes, EXIF orientation applied.
+
+    Any mode becomes RGB; 16/32-bit greyscale is scaled to 8 bits rather than
+    clipped. Pillow's decompression-bomb limit stays on.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as opened:
+        img = ImageOps.exif_transpose(opened)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            grey = np.asarray(img, dtype=np.float64)
+            if grey.max(initial=0) > 255:
+                grey = grey / 257.0
+            grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """A COCO-format dataset: ``dataset[i] -> (image, target)`` or None (see module doc).
+
+    annotations: URI of the JSON, or of a directory holding ``annotations.json``.
+    image_root: where ``file_name`` paths start; defaults to the JSON's directory.
+    storage_options: fsspec options for both URIs (default: pipeline.storage's).
+    train: True for training (a dataset without a single object is an error);
+    False for evaluation, where images without objects are all fine.
+
+    image: uint8 [3, H, W] RGB. target: boxes float32 [K, 4] x1, y1, x2, y2
+    pixels; labels int64 [K] in 1..num_classes-1; masks uint8 [K, H, W];
+    image_id int. Crowd objects are not in targets (they are in ``coco``).
+    """
+
+    def __init__(
+        self,
+        annotations: str,
+        image_root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        train: bool = True,
+    ) -> None:
+        self._options = storage_options
+        self.train = train
+        fs, path = storage.get_fs(annotations, storage_options)
+        if fs.isdir(path):
+            annotations = storage.join(annotations, ANNOTATIONS_FILE)
+            path = path.rstrip("/") + "/" + ANNOTATIONS_FILE
+        self.annotations_uri = annotations
+        self.name = storage.redact(annotations)
+        if image_root is None:
+            image_root = annotations.rsplit("/", 1)[0] if "/" in annotations else "."
+        self.image_root = image_root
+        self._fs = None
+        self._coco = None
+        try:
+            with fs.open(path, "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.name}: annotations file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.name}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
+        ):
+            raise ValueError(
+                f"{self.name}: not COCO format (needs 'images', 'annotations' and 'categories' lists)"
+            )
+        self._read_categories(data["categories"])
+        self.skipped_annotations: Counter = Counter()
+        self.skipped_images: Counter = Counter()
+        self.failed_images: dict[int, str] = {}  # image_id -> reason, found at load time
+        self._records = self._read_images(data["images"])
+        listed_ids = {i.get("id") for i in data["images"] if isinstance(i, dict)}
+        self._read_annotations(data["annotations"], listed_ids)
+        if self.skipped_annotations or self.skipped_images:
+            logger.warning(self.skip_summary())
+        self._check_usable(len(data["images"]))
+
+    # -- reading the JSON ------------------------------------------------------------
+
+    def _read_categories(self, categories: list) -> None:
+        by_id = {}
+        for cat in categories:
+            if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+                raise ValueError(f"{self.name}: a category without an integer id: {cat!r:.80}")
+            if cat["id"] in by_id:
+                raise ValueError(f"{self.name}: category id {cat['id']} listed twice")
+            by_id[cat["id"]] = cat
+        self.categories = [by_id[i] for i in sorted(by_id)]
+        self.category_id_to_label = {c["id"]: k + 1 for k, c in enumerate(self.categories)}
+        self.label_to_category_id = {k: c for c, k in self.category_id_to_label.items()}
+        self.class_names = ["__background__"] + [
+            str(c.get("name", f"category {c['id']}")) for c in self.categories
+        ]
+        self.num_classes = len(self.class_names)
+
+    def _read_images(self, images: list) -> list[_Image]:
+        fs, root = self.image_fs()
+        root = root.rstrip("/")
+        # One listing instead of one existence check per image (N requests on S3).
+        present = {p[len(root) + 1 :] for p in fs.find(root) if p.startswith(root + "/")}
+        records, seen = [], set()
+        for info in images:
+            image_id = info.get("id") if isinstance(info, dict) else None
+            file_name = info.get("file_name") if isinstance(info, dict) else None
+            if not isinstance(image_id, int) or not isinstance(file_name, str) or image_id in seen:
+                self.skipped_images["bad image entry"] += 1
+                continue
+            seen.add(image_id)
+            width, height = info.get("width"), info.get("height")
+            if not (isinstance(width, int) and isinstance(height, int) and width > 0 < height):
+                self.skipped_images["missing size"] += 1
+                continue
+            file_name = posixpath.normpath(file_name.lstrip("/"))
+            if file_name not in present:
+                self.skipped_images["missing file"] += 1
+                continue
+            records.append(_Image(image_id, file_name, width, height, []))
+        return records
+
+    def _read_annotations(self, annotations: list, listed_ids: set) -> None:
+        from pycocotools import mask as mask_utils
+
+        by_id = {r.image_id: r for r in self._records}
+        for ann in annotations:
+            if not isinstance(ann, dict):
+                self.skipped_annotations["invalid annotation"] += 1
+                continue
+            record = by_id.get(ann.get("image_id"))
+            if record is None:
+                # Annotations of images skipped above go with them, uncounted.
+                if ann.get("image_id") not in listed_ids:
+                    self.skipped_annotations["unknown image id"] += 1
+                continue
+            label = self.category_id_to_label.get(ann.get("category_id"))
+            if label is None:
+                self.skipped_annotations["unknown category id"] += 1
+                continue
+            h, w = record.height, record.width
+            if "bbox" in ann and _box_is_degenerate(ann["bbox"], h, w):
+                self.skipped_annotations["degenerate box"] += 1
+                continue
+            try:
+                rle, reason = _segmentation_rle(ann.get("segmentation"), h, w)
+            except (TypeError, ValueError, OverflowError):
+                rle, reason = None, "invalid segmentation"
+            if rle is None:
+                self.skipped_annotations[reason] += 1
+                continue
+            x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+            area = ann.get("area")
+            record.objects.append(
+                _Object(
+                    category_id=ann["category_id"],
+                    label=label,
+                    iscrowd=bool(ann.get("iscrowd", 0)),
+                    rle=rle,
+                    box=(x, y, x + bw, y + bh),
+                    area=float(area)
+                    if isinstance(area, int | float)
+                    else float(mask_utils.area(rle)),
+                    bbox=[float(v) for v in ann["bbox"]] if "bbox" in ann else [x, y, bw, bh],
+                )
+            )
+
+    def _check_usable(self, listed: int) -> None:
+        where = f"image root {storage.redact(self.image_root)}"
+        if not self._records:
+            why = _counts_text(self.skipped_images) or "the JSON lists no images"
+            raise ValueError(f"{self.name}: no usable images ({listed} listed; {why}; {where})")
+        if self.train and not any(not o.iscrowd for r in self._records for o in r.objects):
+            why = _counts_text(self.skipped_annotations) or "no annotations"
+            raise ValueError(f"{self.name}: no usable (non-crowd) annotations to train on ({why})")
+
+    def skip_summary(self) -> str:
+        """One line: what was skipped and why, e.g. '... skipped 3 annotations (...) and 2 images (...)'."""
+        parts = []
+        if self.skipped_annotations:
+            n = sum(self.skipped_annotations.values())
+            parts.append(f"{n} annotations ({_counts_text(self.skipped_annotations)})")
+        if self.skipped_images:
+            n = sum(self.skipped_images.values())
+            parts.append(f"{n} images ({_counts_text(self.skipped_images)})")
+        return f"{self.name}: skipped " + (" and ".join(parts) if parts else "nothing")
+
+    # -- samples ---------------------------------------------------------------------
+
+    def image_fs(self):
+        """(filesystem, path) of the image root; the filesystem is made once per process."""
+        if self._fs is None:
+            self._fs = storage.get_fs(self.image_root, self._options)
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fs"] = None  # filesystems hold sessions and locks: rebuilt where unpickled
+        state["_coco"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self._records]
+
+    def image_uri(self, i: int) -> str:
+        return storage.join(self.image_root, self._records[i].file_name)
+
+    def load(self, i: int) -> Sample | None:
+        """Sample ``i``, or None when its image cannot be read or decoded (logged once)."""
+        record = self._records[i]
+        if record.image_id in self.failed_images:
+            return None
+        fs, root = self.image_fs()
+        try:
+            data = fs.cat_file(root.rstrip("/") + "/" + record.file_name)
+        except FileNotFoundError:
+            return self._fail(record, "missing file", "removed since the dataset was listed")
+        try:
+            pixels = decode_rgb(data)
+        except Exception as exc:  # Pillow raises several types; any of them means unusable
+            return self._fail(record, "undecodable", f"{type(exc).__name__}: {exc}")
+        if pixels.shape[:2] != (record.height, record.width):
+            got = f"{pixels.shape[1]}x{pixels.shape[0]}"
+            return self._fail(
+                record, "size mismatch", f"{got}, JSON says {record.width}x{record.height}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), self.target(i)
+
+    __getitem__ = load
+
+    def _fail(self, record: _Image, reason: str, detail: str) -> None:
+        self.failed_images[record.image_id] = reason
+        self.skipped_images[reason] += 1
+        logger.warning(
+            "%s: skipped image %s: %s (%s)",
+            self.name,
+            storage.redact(storage.join(self.image_root, record.file_name)),
+            reason,
+            detail[:200],
+        )
+        return None
+
+    def target(self, i: int) -> dict[str, Any]:
+        """Target of sample ``i`` from the annotations alone (no image read)."""
+        from pycocotools import mask as mask_utils
+
+        record = self._records[i]
+        objects = [o for o in record.objects if not o.iscrowd]
+        h, w = record.height, record.width
+        if objects:
+            masks = mask_utils.decode([o.rle for o in objects])  # [H, W, K], Fortran order
+            masks = np.ascontiguousarray(masks.transpose(2, 0, 1))
+        else:
+            masks = np.zeros((0, h, w), dtype=np.uint8)
+        return {
+            "boxes": torch.tensor([o.box for o in objects], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([o.label for o in objects], dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+            "image_id": record.image_id,
+        }
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Every loadable sample in order; fails only when none at all could be loaded."""
+        loaded = 0
+        for i in range(len(self)):
+            sample = self.load(i)
+            if sample is not None:
+                loaded += 1
+                yield sample
+        if len(self) and not loaded:
+            raise ValueError(
+                f"{self.name}: none of {len(self)} images could be loaded "
+                f"({_counts_text(self.skipped_images)})"
+            )
+
+    @staticmethod
+    def collate(batch: list[Sample | None]) -> tuple[list[torch.Tensor], list[dict]]:
+        """DataLoader collate_fn: drops failed (None) samples; (images, targets) lists."""
+        kept = [s for s in batch if s is not None]
+        return [s[0] for s in kept], [s[1] for s in kept]
+
+    def shard(self, rank: int, world_size: int) -> CocoDataset:
+        """Images ``rank, rank + world_size, ...``: shards are disjoint and cover the dataset."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"shard: need 0 <= rank < world_size, got {rank} of {world_size}")
+        view = copy.copy(self)
+        view._records = self._records[rank::world_size]
+        view._coco = None
+        view.failed_images = dict(self.failed_images)
+        view.skipped_images = Counter(self.skipped_images)
+        return view
+
+    @property
+    def coco(self):
+        """pycocotools COCO of this dataset's ground truth (crowd objects included).
+
+        Holds the images and annotations kept, with original category ids and
+        segmentations as compressed RLE; for COCOeval.
+        """
+        if self._coco is None:
+            from pycocotools.coco import COCO
+
+            images, anns = [], []
+            for r in self._records:
+                images.append(
+                    {
+                        "id": r.image_id,
+                        "file_name": r.file_name,
+                        "width": r.width,
+                        "height": r.height,
+                    }
+                )
+                for o in r.objects:
+                    segm = {"size": [r.height, r.width], "counts": o.rle["counts"].decode("ascii")}
+                    anns.append(
+                        {
+                            "id": len(anns) + 1,
+                            "image_id": r.image_id,
+                            "category_id": o.category_id,
+                            "segmentation": segm,
+                            "area": o.area,
+                            "bbox": o.bbox,
+                            "iscrowd": int(o.iscrowd),
+                        }
+                    )
+            gt = COCO()
+            gt.dataset = {"images": images, "annotations": anns, "categories": self.categories}
+            with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+                gt.createIndex()
+            self._coco = gt
+        return self._coco
