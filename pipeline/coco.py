@@ -30,16 +30,21 @@ import copy
 import io
 import json
 import logging
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.decode import DecodeError, decode_image
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
 
@@ -144,25 +149,6 @@ def _box_is_degenerate(bbox: Any, height: int, width: int) -> bool:
 
 def _counts_text(counts: Counter) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """uint8 [H, W, 3] RGB from encoded image bytes, EXIF orientation applied.
-
-    Any mode becomes RGB; 16/32-bit greyscale is scaled to 8 bits rather than
-    clipped. Pillow's decompression-bomb limit stays on.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as opened:
-        img = ImageOps.exif_transpose(opened)
-        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-            grey = np.asarray(img, dtype=np.float64)
-            if grey.max(initial=0) > 255:
-                grey = grey / 257.0
-            grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-            return np.repeat(grey[:, :, None], 3, axis=2)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 class CocoDataset(torch.utils.data.Dataset):
@@ -296,6 +282,8 @@ class CocoDataset(torch.utils.data.Dataset):
                 continue
             x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
             area = ann.get("area")
+            if not isinstance(area, int | float):
+                area = mask_utils.area(rle)
             record.objects.append(
                 _Object(
                     category_id=ann["category_id"],
@@ -303,9 +291,7 @@ class CocoDataset(torch.utils.data.Dataset):
                     iscrowd=bool(ann.get("iscrowd", 0)),
                     rle=rle,
                     box=(x, y, x + bw, y + bh),
-                    area=float(area)
-                    if isinstance(area, int | float)
-                    else float(mask_utils.area(rle)),
+                    area=float(area),
                     bbox=[float(v) for v in ann["bbox"]] if "bbox" in ann else [x, y, bw, bh],
                 )
             )
@@ -332,10 +318,13 @@ class CocoDataset(torch.utils.data.Dataset):
 
     # -- samples ---------------------------------------------------------------------
 
-    def image_fs(self):
+    def image_fs(self) -> tuple[Any, str]:
         """(filesystem, path) of the image root; the filesystem is made once per process."""
-        if self._fs is None:
+        # A filesystem made before a fork (DataLoader workers) may hold the
+        # parent's connections and event loop: each process makes its own.
+        if self._fs is None or self._fs_pid != os.getpid():
             self._fs = storage.get_fs(self.image_root, self._options)
+            self._fs_pid = os.getpid()
         return self._fs
 
     def __getstate__(self) -> dict:
@@ -365,9 +354,9 @@ class CocoDataset(torch.utils.data.Dataset):
         except FileNotFoundError:
             return self._fail(record, "missing file", "removed since the dataset was listed")
         try:
-            pixels = decode_rgb(data)
-        except Exception as exc:  # Pillow raises several types; any of them means unusable
-            return self._fail(record, "undecodable", f"{type(exc).__name__}: {exc}")
+            pixels = decode_image(data)  # EXIF-oriented, any mode to RGB, bomb limit on
+        except DecodeError as exc:
+            return self._fail(record, "undecodable", exc.reason)
         if pixels.shape[:2] != (record.height, record.width):
             got = f"{pixels.shape[1]}x{pixels.shape[0]}"
             return self._fail(
@@ -440,11 +429,13 @@ class CocoDataset(torch.utils.data.Dataset):
         return view
 
     @property
-    def coco(self):
+    def coco(self) -> COCO:
         """pycocotools COCO of this dataset's ground truth (crowd objects included).
 
         Holds the images and annotations kept, with original category ids and
-        segmentations as compressed RLE; for COCOeval.
+        segmentations as compressed RLE; for COCOeval. Images found undecodable
+        at load time are still in it: evaluate with ``params.imgIds`` set to
+        the images actually predicted.
         """
         if self._coco is None:
             from pycocotools.coco import COCO
