@@ -163,3 +163,18 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"maskrcnn shapes: error: {message}"
     assert not (tmp_path / "ds").exists()
+
+
+def test_cli_writes_to_s3(s3_server, s3_bucket):
+    import s3fs
+
+    # The endpoint and credentials come from the environment the fixture set.
+    proc = run_cli(f"s3://{s3_bucket}/ds", "--images", "3", "--size", "48", "--val-images", "2")
+    assert proc.returncode == 0, proc.stderr
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    assert sorted(p.split("/", 1)[1] for p in fs.find(s3_bucket)) == [
+        "ds/train/annotations.json",
+        *(f"ds/train/images/00000{i}.png" for i in (1, 2, 3)),
+        "ds/val/annotations.json",
+        *(f"ds/val/images/00000{i}.png" for i in (1, 2)),
+    ]
