@@ -1,0 +1,157 @@
+"""`maskrcnn evaluate`: COCO bbox and segm AP (pycocotools) of a run or of a model.
+
+    maskrcnn evaluate --predictions OUTPUT --annotations coco.json
+    maskrcnn evaluate --model model.safetensors --annotations coco.json [--images ROOT]
+
+Prints COCOeval's summarize() table for bbox and segm and writes the metrics
+as JSON (--output, default metrics.json in the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jobs.query import add_storage_arguments, storage_options_for
+
+HELP = "COCO bbox and segm AP of a segment OUTPUT (--predictions) or a model (--model)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--predictions", metavar="OUTPUT", help="a finished segment OUTPUT")
+    what.add_argument("--model", metavar="URI", help="a safetensors checkpoint to run")
+    parser.add_argument(
+        "--annotations", required=True, metavar="URI", help="COCO annotations JSON (ground truth)"
+    )
+    parser.add_argument(
+        "--images",
+        metavar="URI",
+        help="with --model: folder the annotations' file_name are relative to "
+        "(default: the annotations file's folder)",
+    )
+    parser.add_argument(
+        "--output",
+        default="metrics.json",
+        metavar="PATH",
+        help="metrics JSON to write (local or URI; default metrics.json)",
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="with --model: images per batch")
+    parser.add_argument(
+        "--device", default="auto", help="with --model: auto (cuda when available), cpu, cuda:0..."
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="with --model: drop detections below (default: the model config's)",
+    )
+    parser.add_argument(
+        "--max-detections", type=int, default=100, help="with --model: per image (default 100)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="with --model: only the first N images (by id)"
+    )
+    add_storage_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.cli import UsageError
+    from jobs.export_coco import write_text
+    from pipeline.coco_results import load_coco_json
+    from pipeline.evaluate import coco_evaluate, evaluate_output
+    from pipeline.storage import redact
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
+    report: dict = {"annotations": redact(args.annotations)}
+    if args.predictions:
+        from pipeline.results import open_results
+
+        results = open_results(args.predictions, storage_options_for(args, args.predictions))
+        metrics, stats = evaluate_output(results, annotations, summary_out=sys.stdout)
+        for w in stats.warnings():
+            print(f"maskrcnn evaluate: warning: {w}", file=sys.stderr)
+        report.update(
+            predictions=redact(args.predictions),
+            model=results.manifest.get("model"),
+            images=len(stats.image_ids),
+            detections=stats.detections,
+        )
+    else:
+        preds, image_ids, seconds = _run_model(args, annotations)
+        metrics = coco_evaluate(annotations, preds, image_ids=image_ids, summary_out=sys.stdout)
+        report.update(
+            model_uri=redact(args.model),
+            images=len(image_ids),
+            detections=len(preds),
+            seconds=round(seconds, 2),
+        )
+    report["metrics"] = metrics
+    write_text(
+        args.output, json.dumps(report, indent=2) + "\n", storage_options_for(args, args.output)
+    )
+    summary = ", ".join(f"{t} AP {m['AP']:.3f} AP50 {m['AP50']:.3f}" for t, m in metrics.items())
+    print(f"evaluate: {report['images']} images, {report['detections']} detections: {summary}")
+    print(f"evaluate: wrote {redact(args.output)}")
+    return 0
+
+
+def _run_model(args: argparse.Namespace, annotations: dict) -> tuple[list, list, float]:
+    import torch
+
+    from jobs.cli import UsageError
+    from maskrcnn.checkpoint import load
+    from pipeline.evaluate import predict_coco_results
+    from pipeline.storage import redact
+
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
+    model = load(args.model).to(device).eval()
+    images_root = args.images or _parent(args.annotations)
+    total = min(len(annotations["images"]), args.limit or len(annotations["images"]))
+    seen = [0]
+    start = time.perf_counter()
+
+    def progress(n: int) -> None:
+        seen[0] += n
+        if sys.stderr.isatty():
+            print(f"\revaluate: {seen[0]}/{total} images", end="", file=sys.stderr, flush=True)
+
+    preds, image_ids, problems = predict_coco_results(
+        model,
+        annotations,
+        images_root,
+        storage_options_for(args, images_root),
+        batch_size=args.batch_size,
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
+        limit=args.limit,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if problems:
+        print(
+            f"maskrcnn evaluate: warning: {len(problems)} image(s) left out, e.g. {problems[0]}",
+            file=sys.stderr,
+        )
+    if not image_ids:
+        raise ValueError(
+            f"no image of {redact(args.annotations)} could be read from {redact(images_root)} "
+            "(pass the image folder with --images)"
+        )
+    return preds, image_ids, seconds
+
+
+def _parent(uri: str) -> str:
+    """The folder holding ``uri`` (a COCO file's file_names are usually relative to it)."""
+    return uri.rsplit("/", 1)[0] if "/" in uri.split("://", 1)[-1] else "."
