@@ -114,7 +114,7 @@ def _run_model(args: argparse.Namespace, annotations: dict) -> tuple[list, list,
         device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
-    model = load(args.model).to(device).eval()
+    model = load(args.model, map_location=device)
     images_root = args.images or _parent(args.annotations)
     total = min(len(annotations["images"]), args.limit or len(annotations["images"]))
     seen = [0]

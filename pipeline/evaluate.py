@@ -224,7 +224,7 @@ def predict_coco_results(
     from pipeline.decode import DecodeError, decode_image
     from pipeline.storage import get_fs, join, redact
 
-    label_map = label_to_category_ids(model.cfg.label_names(), annotations["categories"])
+    label_map = label_to_category_ids(model.cfg.label_names, annotations["categories"])
     images = sorted(annotations["images"], key=lambda im: im["id"])[:limit]
     fs, _ = get_fs(images_root, options)
     results: list[dict[str, Any]] = []

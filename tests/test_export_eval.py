@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -247,7 +248,7 @@ class _OracleModel:
                 "masks": torch.from_numpy(np.stack([coco.annToMask(a) for a in anns]).astype(bool)),
             }
         self.device = torch.device("cpu")
-        self.cfg = type("Cfg", (), {"label_names": staticmethod(lambda: list(CLASS_NAMES))})()
+        self.cfg = types.SimpleNamespace(label_names=list(CLASS_NAMES))
 
     def predict(self, images, score_threshold=None, max_detections=None):
         return [self.answers[im.permute(1, 2, 0).contiguous().numpy().tobytes()] for im in images]
@@ -330,3 +331,78 @@ def test_coco_loadres_accepts_ground_truth_object(gt_and_output):
     dets = list(output_coco_results(open_results(str(out)), gt))
     metrics = coco_evaluate(coco, dets)
     assert metrics["segm"]["AP"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def shapes_and_model(tmp_path_factory):
+    """A 3-image shapes dataset and an untrained tiny checkpoint (seeded)."""
+    import torch
+
+    from maskrcnn.checkpoint import save
+    from maskrcnn.config import MaskRCNNConfig
+    from maskrcnn.model import MaskRCNN
+    from pipeline.shapes import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("model_eval")
+    make_shapes_dataset(str(root / "ds"), images=3, size=64, seed=0)
+    torch.manual_seed(0)
+    cfg = MaskRCNNConfig.preset("tiny", class_names=CLASS_NAMES)
+    save(MaskRCNN(cfg).eval(), str(root / "tiny.safetensors"))
+    return root
+
+
+def test_evaluate_model_checkpoint_matches_library_path(shapes_and_model, tmp_path):
+    """The CLI finds the images beside the annotations, runs the checkpoint in batches and
+    scores exactly what predicting each image on its own and coco_evaluate give."""
+    import torch
+
+    from maskrcnn.checkpoint import load
+    from pipeline.decode import decode_image
+
+    root = shapes_and_model
+    ann = root / "ds" / "train" / "annotations.json"
+    proc = maskrcnn(
+        "evaluate", "--model", str(root / "tiny.safetensors"), "--annotations", str(ann),
+        "--score-threshold", "0.0", "--batch-size", "2", "--output", str(tmp_path / "m.json"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "segm:\n Average Precision" in proc.stdout
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["images"] == 3 and report["model_uri"] == str(root / "tiny.safetensors")
+
+    gt = json.loads(ann.read_text())
+    model = load(str(root / "tiny.safetensors"))
+    preds, ids = [], []
+    for img in gt["images"]:
+        rgb = decode_image((ann.parent / img["file_name"]).read_bytes())
+        with torch.inference_mode():
+            preds += model.predict(
+                [torch.from_numpy(rgb).permute(2, 0, 1)], score_threshold=0.0, max_detections=100
+            )
+        ids.append(img["id"])
+    label_to_cat = {CLASS_NAMES.index(c["name"]): c["id"] for c in gt["categories"]}
+    expected = predictions_to_coco_results(preds, ids, label_to_cat)
+    assert report["detections"] == len(expected) > 0
+    want = coco_evaluate(gt, expected)
+    for iou_type in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AR100"):
+            assert report["metrics"][iou_type][key] == pytest.approx(want[iou_type][key], abs=1e-3)
+
+
+def test_evaluate_model_with_other_class_names_is_refused(shapes_and_model, tmp_path):
+    from maskrcnn.checkpoint import save
+    from maskrcnn.config import MaskRCNNConfig
+    from maskrcnn.model import MaskRCNN
+
+    root = shapes_and_model
+    cfg = MaskRCNNConfig.preset("tiny", class_names=["__background__", "cat", "dog"])
+    save(MaskRCNN(cfg).eval(), str(tmp_path / "pets.safetensors"))
+    proc = maskrcnn(
+        "evaluate", "--model", str(tmp_path / "pets.safetensors"),
+        "--annotations", str(root / "ds" / "train" / "annotations.json"),
+        "--output", str(tmp_path / "m.json"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none of the model's class names ['cat', 'dog']" in lines[0]
+    assert not (tmp_path / "m.json").exists()
