@@ -1,9 +1,11 @@
 """`maskrcnn query OUTPUT "SQL"`: SQL over a finished segment run, read-only.
 
 Views: `images` (one row per input image, the Parquet schema) and `instances`
-(one row per detection: uri, width, height, model, detection, label,
-label_name, score, box, x1, y1, x2, y2, mask_counts, area). The connection
-cannot write or read any other file, load extensions or change settings.
+(one row per detection of the ok images: uri, width, height, model,
+detection (0-based position in the image's list, score descending), label,
+label_name, score, box (FLOAT[4]) and x1, y1, x2, y2, mask_counts, area).
+The connection cannot write or read any other file, load extensions or
+change settings.
 """
 
 from __future__ import annotations
