@@ -1,0 +1,108 @@
+"""ResNet body + Feature Pyramid Network: image -> P2..P6."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.config import MaskRCNNConfig
+
+_STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
+
+
+def conv_block(
+    cin: int, cout: int, kernel: int, norm: bool, relu: bool = False, stride: int = 1
+) -> nn.Sequential:
+    """conv (+ BatchNorm) (+ ReLU); the conv has a bias only when there is no norm."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=not norm)
+    ]
+    if norm:
+        layers.append(nn.BatchNorm2d(cout))
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet without its classifier, returning C2..C5 (strides 4..32)."""
+
+    def __init__(self, cfg: MaskRCNNConfig):
+        super().__init__()
+        if cfg.norm == "frozen_bn":
+
+            def norm_layer(c: int) -> nn.Module:
+                return FrozenBatchNorm2d(c, eps=cfg.frozen_bn_eps)
+        else:
+            norm_layer = nn.BatchNorm2d
+        net = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_layer)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
+        block = net.layer1[0]
+        expansion = 4 if hasattr(block, "conv3") else 1
+        self.out_channels = [64 * expansion * 2**i for i in range(4)]
+        # Freeze the stages below the trainable ones (conv1 counts as a stage).
+        trainable = _STAGES[: cfg.trainable_layers]
+        for name, p in self.named_parameters():
+            if not any(name.startswith(s) for s in trainable) and not (
+                name.startswith("bn1") and "conv1" in trainable
+            ):
+                p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+class FPN(nn.Module):
+    """Top-down pathway with lateral connections; P6 is P5 max-pooled with stride 2."""
+
+    def __init__(self, in_channels: list[int], channels: int, norm: bool):
+        super().__init__()
+        self.lateral = nn.ModuleList(conv_block(c, channels, 1, norm) for c in in_channels)
+        self.output = nn.ModuleList(conv_block(channels, channels, 3, norm) for _ in in_channels)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        """[C2..C5] -> [P2, P3, P4, P5, P6], each with ``channels`` channels."""
+        top = self.lateral[-1](feats[-1])
+        outs = [self.output[-1](top)]
+        for i in range(len(feats) - 2, -1, -1):
+            lateral = self.lateral[i](feats[i])
+            top = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
+            outs.insert(0, self.output[i](top))
+        outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        return outs
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: MaskRCNNConfig):
+        super().__init__()
+        self.body = ResNetBody(cfg)
+        self.fpn = FPN(self.body.out_channels, cfg.fpn_channels, cfg.fpn_norm)
+        self.out_channels = cfg.fpn_channels
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """images [B, 3, H, W] -> [P2..P6], strides 4, 8, 16, 32, 64."""
+        return self.fpn(self.body(images))
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Channels-last weights for every 4-d parameter (oneDNN / tensor-core layout)."""
+    return module.to(memory_format=torch.channels_last)

@@ -1,0 +1,218 @@
+"""Second stage: box head (class + class-specific box) and, in parallel, the mask head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from maskrcnn.anchors import (
+    clip_boxes,
+    decode_boxes,
+    encode_boxes,
+    match,
+    nonempty,
+    sample_balanced,
+)
+from maskrcnn.backbone import conv_block
+from maskrcnn.config import MaskRCNNConfig
+from maskrcnn.masks import mask_targets
+from maskrcnn.poolers import multiscale_roi_align
+
+
+class BoxHead(nn.Module):
+    """RoI features [K, C, 7, 7] -> [K, box_head_dim] (2fc, or 4conv1fc with BatchNorm)."""
+
+    def __init__(self, cfg: MaskRCNNConfig, channels: int):
+        super().__init__()
+        r = cfg.box_roi_size
+        if cfg.box_head == "2fc":
+            self.convs = nn.Sequential()
+            self.fc6 = nn.Linear(channels * r * r, cfg.box_head_dim)
+            self.fc7 = nn.Linear(cfg.box_head_dim, cfg.box_head_dim)
+        else:
+            self.convs = nn.Sequential(
+                *[conv_block(channels, channels, 3, norm=True, relu=True) for _ in range(4)]
+            )
+            self.fc6 = nn.Linear(channels * r * r, cfg.box_head_dim)
+            self.fc7 = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.fc6(self.convs(x).flatten(1)))
+        return F.relu(self.fc7(x)) if self.fc7 is not None else x
+
+
+class BoxPredictor(nn.Module):
+    """[K, D] -> class logits [K, num_classes] and per-class deltas [K, num_classes * 4]."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(dim, num_classes)
+        self.bbox_pred = nn.Linear(dim, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class MaskHead(nn.Module):
+    """FCN on [K, C, 14, 14]: 3x3 convs, 2x2 deconv, 1x1 -> logits [K, num_classes, 28, 28]."""
+
+    def __init__(self, cfg: MaskRCNNConfig, channels: int):
+        super().__init__()
+        layers, cin = [], channels
+        for c in cfg.mask_head_channels:
+            layers.append(conv_block(cin, c, 3, norm=cfg.mask_head_norm, relu=True))
+            cin = c
+        self.convs = nn.Sequential(*layers)
+        self.deconv = nn.ConvTranspose2d(cin, cin, 2, stride=2)
+        self.logits = nn.Conv2d(cin, cfg.num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(F.relu(self.deconv(self.convs(x))))
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, cfg: MaskRCNNConfig, channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.box_head = BoxHead(cfg, channels)
+        self.box_predictor = BoxPredictor(cfg.box_head_dim, cfg.num_classes)
+        self.mask_head = MaskHead(cfg, channels)
+
+    def _pool(self, feats, boxes, image_sizes, size: int) -> Tensor:
+        cfg = self.cfg
+        return multiscale_roi_align(
+            feats[:4],
+            boxes,
+            image_sizes,
+            size,
+            cfg.roi_sampling_ratio,
+            cfg.roi_align_aligned,
+            cfg.canonical_scale,
+            cfg.canonical_level,
+        )
+
+    def _run(self, head: nn.Module, x: Tensor, dtype: torch.dtype, channels_last: bool):
+        x = x.to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return head(x)
+
+    def forward(
+        self,
+        feats: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ):
+        """Training (targets given): the head losses. Inference: detections per image.
+
+        Detections are dicts with boxes fp32 [N, 4] (resized-image pixels),
+        scores [N], labels int64 [N] and mask_probs fp32 [N, M, M].
+        """
+        if targets is not None:
+            return self.losses(feats, proposals, image_sizes, targets)
+        return self.detect(feats, proposals, image_sizes)
+
+    # --- training ---------------------------------------------------------------
+    def losses(self, feats, proposals, image_sizes, targets) -> dict[str, Tensor]:
+        cfg = self.cfg
+        rois, labels, regression, matched_gt = [], [], [], []
+        for props, t in zip(proposals, targets):
+            props = torch.cat([props, t["boxes"]])  # ground truth joins the proposals
+            m = match(t["boxes"], props, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False)
+            lab = t["labels"][m.clamp(min=0)] if t["boxes"].numel() else m.clamp(min=0)
+            lab = torch.where(m >= 0, lab, torch.zeros_like(lab))
+            lab[m == -2] = -1
+            pos, neg = sample_balanced(lab, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
+            keep = torch.cat([pos, neg])
+            rois.append(props[keep])
+            labels.append(lab[keep])
+            gt = t["boxes"][m[keep].clamp(min=0)] if t["boxes"].numel() else props[keep]
+            regression.append(encode_boxes(gt, props[keep], cfg.bbox_reg_weights))
+            matched_gt.append(m[keep])
+        pooled = self._pool(feats, rois, image_sizes, cfg.box_roi_size)
+        dtype = feats[0].dtype
+        logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
+        logits, deltas = logits.float(), deltas.float()
+        labels_t = torch.cat(labels)
+        loss_cls = F.cross_entropy(logits, labels_t)
+        pos = torch.nonzero(labels_t > 0).squeeze(1)
+        deltas = deltas.reshape(deltas.shape[0], -1, 4)
+        loss_box = F.smooth_l1_loss(
+            deltas[pos, labels_t[pos]], torch.cat(regression)[pos], beta=1.0 / 9, reduction="sum"
+        ) / max(labels_t.numel(), 1)
+        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        losses["loss_mask"] = self.mask_loss(feats, rois, labels, matched_gt, image_sizes, targets)
+        return losses
+
+    def mask_loss(self, feats, rois, labels, matched_gt, image_sizes, targets) -> Tensor:
+        """Per-pixel BCE on the ground-truth class's channel of the positive RoIs."""
+        size = self.cfg.mask_resolution
+        pos_rois, pos_labels, goals = [], [], []
+        for r, lab, m, t in zip(rois, labels, matched_gt, targets):
+            p = torch.nonzero(lab > 0).squeeze(1)
+            pos_rois.append(r[p])
+            pos_labels.append(lab[p])
+            # RoIs are in resized pixels; the masks stay at the original size.
+            goals.append(mask_targets(t["masks"], r[p] / t["mask_scale"], m[p], size))
+        pos_labels_t = torch.cat(pos_labels)
+        if pos_labels_t.numel() == 0:
+            # Keep the graph connected (DDP) with a zero that has a gradient.
+            return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+        pooled = self._pool(feats, pos_rois, image_sizes, self.cfg.mask_roi_size)
+        logits = self.mask_head(pooled.to(feats[0].dtype)).float()
+        picked = logits[torch.arange(logits.shape[0], device=logits.device), pos_labels_t]
+        return F.binary_cross_entropy_with_logits(picked, torch.cat(goals))
+
+    # --- inference --------------------------------------------------------------
+    @torch.no_grad()
+    def detect(
+        self,
+        feats,
+        proposals,
+        image_sizes,
+        score_thresh: float | None = None,
+        max_detections: int | None = None,
+        channels_last: bool = False,
+    ) -> list[dict[str, Tensor]]:
+        cfg = self.cfg
+        score_thresh = cfg.box_score_thresh if score_thresh is None else score_thresh
+        max_det = cfg.detections_per_img if max_detections is None else max_detections
+        dtype = feats[0].dtype
+        pooled = self._pool(feats, proposals, image_sizes, cfg.box_roi_size)
+        logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
+        probs = F.softmax(logits.float(), -1)
+        boxes = decode_boxes(deltas.float(), torch.cat(proposals), cfg.bbox_reg_weights)
+        c = cfg.num_classes
+        results = []
+        for i, (b, p) in enumerate(
+            zip(boxes.split([len(x) for x in proposals]), probs.split([len(x) for x in proposals]))
+        ):
+            b = clip_boxes(b, image_sizes[i])[:, 1:].reshape(-1, 4)
+            s = p[:, 1:].reshape(-1)
+            lab = torch.arange(1, c, device=b.device).repeat(p.shape[0])
+            keep = (s > score_thresh) & nonempty(b, 1e-2)
+            b, s, lab = b[keep], s[keep], lab[keep]
+            keep = batched_nms(b, s, lab, cfg.box_nms_thresh)[:max_det]
+            results.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
+        # Masks for all detections of the batch in one pass of the mask head.
+        det_boxes = [r["boxes"] for r in results]
+        if sum(len(b) for b in det_boxes) == 0:
+            m = cfg.mask_resolution
+            for r in results:
+                r["mask_probs"] = torch.zeros((0, m, m), device=r["boxes"].device)
+            return results
+        pooled = self._pool(feats, det_boxes, image_sizes, cfg.mask_roi_size)
+        logits = self._run(self.mask_head, pooled, dtype, channels_last).float()
+        labels = torch.cat([r["labels"] for r in results])
+        mask_probs = torch.sigmoid(logits[torch.arange(len(labels), device=labels.device), labels])
+        for r, mp in zip(results, mask_probs.split([len(b) for b in det_boxes])):
+            r["mask_probs"] = mp
+        return results

@@ -1,0 +1,152 @@
+"""Region Proposal Network over the FPN levels: objectness + anchor deltas -> proposals."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from maskrcnn.anchors import (
+    AnchorGenerator,
+    clip_boxes,
+    decode_boxes,
+    encode_boxes,
+    match,
+    nonempty,
+    sample_balanced,
+)
+from maskrcnn.config import MaskRCNNConfig
+
+RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+class RPNHead(nn.Module):
+    """Shared across levels: 3x3 conv(s) + ReLU, then 1x1 objectness (A) and deltas (4A)."""
+
+    def __init__(self, channels: int, num_anchors: int, conv_depth: int = 1):
+        super().__init__()
+        self.conv = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+                for _ in range(conv_depth)
+            ]
+        )
+        self.objectness = nn.Conv2d(channels, num_anchors, 1)
+        self.deltas = nn.Conv2d(channels, num_anchors * 4, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level: objectness [B, A, H, W] and deltas [B, 4A, H, W]."""
+        logits, deltas = [], []
+        for f in feats:
+            t = self.conv(f)
+            logits.append(self.objectness(t))
+            deltas.append(self.deltas(t))
+        return logits, deltas
+
+
+def flatten_level(x: Tensor, c: int) -> Tensor:
+    """[B, A*c, H, W] -> [B, H*W*A, c], matching grid_anchors' (row, column, anchor) order."""
+    b, _, h, w = x.shape
+    return x.view(b, -1, c, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, c)
+
+
+class RPN(nn.Module):
+    def __init__(self, cfg: MaskRCNNConfig, in_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.anchors = AnchorGenerator(cfg.anchor_sizes, cfg.aspect_ratios)
+        self.head = RPNHead(in_channels, self.anchors.num_anchors_per_location, cfg.rpn_conv_depth)
+
+    def forward(
+        self,
+        feats: list[Tensor],
+        batch_shape: tuple[int, int],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposals per image ([P_i, 4], fp32, resized-image pixels) and, with targets, losses."""
+        logits, deltas = self.head(feats)
+        anchors = self.anchors(batch_shape, [f.shape[-2:] for f in feats], feats[0].device)
+        per_level = [a.shape[0] for a in anchors]
+        logits_flat = torch.cat([flatten_level(x, 1) for x in logits], 1).squeeze(2).float()
+        deltas_flat = torch.cat([flatten_level(x, 4) for x in deltas], 1).float()
+        all_anchors = torch.cat(anchors)
+        b = logits_flat.shape[0]
+        boxes = decode_boxes(
+            deltas_flat.detach().reshape(-1, 4), all_anchors.repeat(b, 1), RPN_WEIGHTS
+        ).view(b, -1, 4)
+        proposals = self.select_proposals(boxes, logits_flat.detach(), per_level, image_sizes)
+        losses: dict[str, Tensor] = {}
+        if targets is not None:
+            losses = self.losses(logits_flat, deltas_flat, all_anchors, targets)
+        return proposals, losses
+
+    def select_proposals(
+        self, boxes: Tensor, logits: Tensor, per_level: list[int], image_sizes
+    ) -> list[Tensor]:
+        """Top-n per level, clip, drop tiny boxes, NMS per level, keep post-NMS top-n.
+
+        boxes [B, N, 4], logits [B, N] over all levels' anchors.
+        """
+        train = self.training
+        pre_n = self.cfg.rpn_pre_nms_top_n_train if train else self.cfg.rpn_pre_nms_top_n_test
+        post_n = self.cfg.rpn_post_nms_top_n_train if train else self.cfg.rpn_post_nms_top_n_test
+        # Top-n anchors of each level, for the whole batch at once.
+        idx, levels, start = [], [], 0
+        for lvl, n in enumerate(per_level):
+            k = min(pre_n, n)
+            top = logits[:, start : start + n].topk(k, dim=1).indices + start
+            idx.append(top)
+            levels.append(torch.full((k,), lvl, dtype=torch.int64, device=logits.device))
+            start += n
+        idx = torch.cat(idx, 1)
+        level = torch.cat(levels)
+        rows = torch.arange(boxes.shape[0], device=boxes.device)[:, None]
+        top_boxes, top_scores = boxes[rows, idx], torch.sigmoid(logits[rows, idx])
+        out = []
+        for bx, sc, size in zip(top_boxes, top_scores, image_sizes):
+            bx = clip_boxes(bx, size)
+            keep = nonempty(bx, 1e-3) & (sc >= self.cfg.rpn_score_thresh)
+            bx, sc, lv = bx[keep], sc[keep], level[keep]
+            keep = batched_nms(bx, sc, lv, self.cfg.rpn_nms_thresh)[:post_n]
+            out.append(bx[keep])
+        return out
+
+    def losses(
+        self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Objectness BCE over sampled anchors; smooth-L1 box loss on the positives."""
+        cfg = self.cfg
+        labels, regression = [], []
+        for t in targets:
+            m = match(
+                t["boxes"], anchors, cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, low_quality=True
+            )
+            lab = (m >= 0).to(torch.int64)
+            lab[m == -2] = -1  # ignored between the thresholds
+            labels.append(lab)
+            gt = t["boxes"][m.clamp(min=0)] if t["boxes"].numel() else anchors
+            regression.append(encode_boxes(gt, anchors, RPN_WEIGHTS))
+        labels_t = torch.stack(labels)
+        pos_idx, neg_idx = [], []
+        for i, lab in enumerate(labels):
+            pos, neg = sample_balanced(lab, cfg.rpn_batch_size_per_image, cfg.rpn_positive_fraction)
+            pos_idx.append(pos + i * anchors.shape[0])
+            neg_idx.append(neg + i * anchors.shape[0])
+        pos = torch.cat(pos_idx)
+        sampled = torch.cat([pos, torch.cat(neg_idx)])
+        flat_logits = logits.reshape(-1)
+        flat_labels = labels_t.reshape(-1).float()
+        objectness = F.binary_cross_entropy_with_logits(flat_logits[sampled], flat_labels[sampled])
+        box = F.smooth_l1_loss(
+            deltas.reshape(-1, 4)[pos],
+            torch.cat(regression)[pos],
+            beta=1.0 / 9,
+            reduction="sum",
+        ) / max(sampled.numel(), 1)
+        return {"loss_objectness": objectness, "loss_rpn_box_reg": box}
