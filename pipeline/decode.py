@@ -131,7 +131,9 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
             raise DecodeError(f"unsupported image mode {mode}") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise DecodeError(f"unsupported image mode {mode}")
-    return np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable or not rgb.flags.c_contiguous:  # Pillow's buffers are read-only
+        rgb = np.array(rgb, order="C")
+    return rgb
 
 
 def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:

@@ -1,0 +1,137 @@
+"""`maskrcnn segment INPUT OUTPUT --model URI`: every image under INPUT -> Parquet in OUTPUT."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "segment every image under INPUT into a Parquet dataset at OUTPUT (Ray Data, exactly once)"
+
+
+def _actors(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0]:
+        raise argparse.ArgumentTypeError(
+            f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}"
+        )
+    return parts[0], parts[1]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _score(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a score in 0..1, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        help="image prefix (any fsspec URI), or a .txt/.parquet list of URIs",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="output folder (any fsspec URI)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="URI", help="maskrcnn safetensors checkpoint")
+    src.add_argument(
+        "--torchvision-weights",
+        metavar="PATH",
+        help="torchvision Mask R-CNN state dict (.pth or .safetensors)",
+    )
+    p.add_argument(
+        "--variant",
+        choices=["v1", "v2"],
+        default="v1",
+        help="torchvision weights variant (default v1)",
+    )
+    p.add_argument(
+        "--num-classes", type=_positive_int, help="class count the torchvision weights must have"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=4, help="images per model call (default 4)"
+    )
+    p.add_argument(
+        "--actors", type=_actors, help="model actors: N or MIN,MAX (default: one per GPU, else 1)"
+    )
+    p.add_argument(
+        "--gpus-per-actor", type=_non_negative, help="default 1 when the cluster has GPUs, else 0"
+    )
+    p.add_argument(
+        "--cpus-per-actor", type=_non_negative, help="default 1 with GPUs, else half the CPUs"
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=_score,
+        help="keep detections scoring at least this (model default)",
+    )
+    p.add_argument(
+        "--max-detections", type=_positive_int, help="at most this many detections per image"
+    )
+    p.add_argument("--fast", action="store_true", help="mixed precision and channels-last on GPU")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
+    p.add_argument(
+        "--rows-per-part",
+        type=_positive_int,
+        default=1000,
+        help="images per Parquet file (default 1000)",
+    )
+    p.add_argument(
+        "--endpoint-url", help="S3 endpoint for INPUT, OUTPUT and the model (else AWS_ENDPOINT_URL)"
+    )
+    p.add_argument("--anon", action="store_true", help="anonymous S3 access (public buckets)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.model_source import ModelSource
+    from pipeline.segment import SegmentOptions, segment
+    from pipeline.storage import storage_options
+
+    anon = True if args.anon else None
+    source = ModelSource(
+        checkpoint=args.model,
+        torchvision=args.torchvision_weights,
+        variant=args.variant,
+        num_classes=args.num_classes,
+    )
+    opts = SegmentOptions(
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor if args.cpus_per_actor else None,
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
+        fast=args.fast,
+        overwrite=args.overwrite,
+        rows_per_part=args.rows_per_part,
+        ray_address=args.address,
+        input_options=storage_options(args.input, args.endpoint_url, anon),
+        output_options=storage_options(args.output, args.endpoint_url, anon),
+        model_options=storage_options(source.uri, args.endpoint_url, anon),
+    )
+    segment(args.input, args.output, source, opts, log=lambda m: print(m, flush=True))
+    return 0

@@ -1,0 +1,324 @@
+"""segment: a bucket of images -> a Parquet dataset of every object found, exactly once.
+
+The data flow reads like the sentence it is::
+
+    plan (listed URIs) -> read bytes + decode + resize (CPU tasks)
+      -> Segmenter (model actors, one model load each, batched predict)
+      -> paste masks + RLE encode (CPU tasks) -> write staged parts (CPU tasks)
+      -> driver promotes each delivered part -> manifest
+
+Exactly once and resume follow the protocol in pipeline/commit.py: a part
+file appears in OUTPUT only as a whole, only the driver puts it there, a
+re-run skips the URIs already in parts, and the manifest written last lists
+exactly the parts, checked to hold every planned URI once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.commit import (
+    PLAN_NAME,
+    RUN_DIR,
+    SPEC_NAME,
+    Lease,
+    OutputDir,
+    OutputStateError,
+    finalize,
+    now_iso,
+    spec_mismatches,
+    write_staged_part,
+)
+from pipeline.model_source import ModelSource, load_model
+from pipeline.schema import MANIFEST_NAME
+from pipeline.storage import get_fs, redact
+
+# Memory reserved per decode task: a 40-megapixel photo decoded and resized to float.
+DECODE_TASK_MEMORY = 512 * 1024**2
+
+
+@dataclass
+class SegmentOptions:
+    """How to run. Only score_threshold, max_detections and fast change the rows."""
+
+    batch_size: int = 4
+    actors: tuple[int, int] | None = None  # (min, max); default from the cluster
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float | None = None  # default: 1 with a GPU, else half the CPUs
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    fast: bool = False
+    overwrite: bool = False
+    rows_per_part: int = 1000
+    resize_on_cpu: bool = True
+    ray_address: str | None = None  # when Ray is not initialised yet; None: RAY_ADDRESS or local
+    input_options: dict[str, Any] | None = None
+    output_options: dict[str, Any] | None = None
+    model_options: dict[str, Any] | None = None
+    extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def normalized_input(input_uri: str, options: dict[str, Any] | None) -> str:
+    """INPUT as one spelling (absolute local path, scheme kept), redacted."""
+    from pipeline.storage import full_uri
+
+    fs, path = get_fs(input_uri, options)
+    return redact(full_uri(fs, path))
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    import maskrcnn
+
+    return {
+        "maskrcnn": maskrcnn.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def _resources(opts: SegmentOptions) -> tuple[float, float, tuple[int, int]]:
+    """(gpus per actor, cpus per actor, (min, max) actors) from options and the cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus_total, cpus_total = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+    gpus = opts.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if gpus_total > 0 else 0.0
+    cpus = opts.cpus_per_actor
+    if cpus is None:
+        cpus = 1.0 if gpus > 0 else float(max(1, cpus_total // 2))
+    actors = opts.actors
+    if actors is None:
+        actors = (1, max(1, int(gpus_total // gpus))) if gpus > 0 else (1, 1)
+    if actors[0] < 1 or actors[1] < actors[0]:
+        raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {actors}")
+    return gpus, cpus, actors
+
+
+def segment(
+    input_uri: str,
+    output_uri: str,
+    source: ModelSource,
+    opts: SegmentOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Segment every image INPUT names into OUTPUT; returns the summary (manifest + rate).
+
+    Ray must be initialised by the caller. Raises OutputStateError when OUTPUT
+    holds another run's work (without ``overwrite``) or is being written.
+    """
+    opts = opts or SegmentOptions()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if opts.batch_size < 1 or opts.rows_per_part < 1:
+        raise ValueError("--batch-size must be at least 1")
+    out = OutputDir(output_uri, opts.output_options)
+    model, model_bytes = load_model(source, opts.model_options)
+    from maskrcnn.checkpoint import model_id
+
+    spec = {
+        "run_id": uuid.uuid4().hex[:16],
+        "model": model_id(model),
+        "model_uri": redact(source.uri),
+        "config": model.cfg.to_dict(),
+        "input": normalized_input(input_uri, opts.input_options),
+        "options": {
+            "score_threshold": opts.score_threshold,
+            "max_detections": opts.max_detections,
+            "fast": bool(opts.fast),
+        },
+        "started": now_iso(),
+    }
+    if not opts.overwrite:
+        manifest = out.read_json(MANIFEST_NAME)
+        if manifest is not None:
+            diffs = spec_mismatches(manifest, spec)
+            if diffs:
+                raise OutputStateError(
+                    f"OUTPUT {out.show()} already holds a finished run with another "
+                    f"{'; '.join(diffs)}; choose another OUTPUT or pass --overwrite"
+                )
+            log(
+                f"segment: {out.show()} is complete ({_counts_text(manifest['counts'])}); "
+                "nothing to do (--overwrite to redo it)"
+            )
+            return {**manifest, "already_complete": True, "images_per_s": None}
+
+    lease = Lease(out, spec["run_id"])
+    lease.acquire()
+    try:
+        if opts.overwrite:
+            out.clear()
+        spec, plan = _plan(out, spec, input_uri, opts, log)
+        import ray
+
+        if not ray.is_initialized():
+            # address None: RAY_ADDRESS when set (under `ray job submit`), else a local instance.
+            ray.init(address=opts.ray_address, configure_logging=False)
+        summary = _run(out, spec, plan, model, model_bytes, lease, opts, log)
+    finally:
+        lease.release()
+        out.remove_empty_run_dir()
+    out.remove(RUN_DIR, recursive=True)
+    return summary
+
+
+def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str]]:
+    """The run's spec and URI plan: read back on resume, else listed and written now."""
+    from pipeline.inputs import list_inputs
+
+    old = out.read_json(SPEC_NAME)
+    if old is not None and out.exists(PLAN_NAME):
+        diffs = spec_mismatches(old, spec)
+        if diffs:
+            raise OutputStateError(
+                f"OUTPUT {out.show()} holds an unfinished run with another "
+                f"{'; '.join(diffs)}; re-run that command to finish it, or pass --overwrite"
+            )
+        plan = out.read_plan()
+        log(f"segment: resuming run {old['run_id']} in {out.show()} ({len(plan)} images planned)")
+        return old, plan
+    if out.part_names():
+        raise OutputStateError(
+            f"OUTPUT {out.show()} holds part files but no run state; pass --overwrite to "
+            "replace them"
+        )
+    plan = list_inputs(input_uri, opts.input_options)
+    out.write_plan(plan)
+    spec = {**spec, "images": len(plan)}
+    out.put_json(SPEC_NAME, spec)  # after the plan: a spec always has its plan
+    return spec, plan
+
+
+def _run(out, spec, plan, model, model_bytes, lease, opts, log) -> dict[str, Any]:
+    names = out.part_names()
+    uris_by_part, _ = out.read_part_uris_and_counts(names)
+    done = {u for uris in uris_by_part.values() for u in uris}
+    if not done <= set(plan):
+        raise OutputStateError(
+            f"OUTPUT {out.show()} holds parts with URIs outside its plan; pass --overwrite"
+        )
+    pending = [u for u in plan if u not in done]
+    if done:
+        log(f"segment: {len(done)} of {len(plan)} images already committed; {len(pending)} to go")
+    started = time.monotonic()
+    processed = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
+    if pending:
+        for record in _dataset(
+            out, spec, pending, model, model_bytes, lease.attempt, opts
+        ).iter_rows():
+            lease.check()
+            out.promote(record["staged"], record["name"])
+            processed["parts"] += 1
+            for key in ("rows", "ok", "error", "instances"):
+                processed[key] += int(record[key])
+    elapsed = time.monotonic() - started
+    lease.check()
+    versions = _versions()
+    manifest = finalize(
+        out,
+        spec,
+        plan,
+        {"versions": versions, **opts.extra_manifest},
+    )
+    rate = processed["rows"] / elapsed if elapsed > 0 and processed["rows"] else 0.0
+    log(
+        f"segment: {_counts_text(manifest['counts'])}; this run {processed['rows']} images "
+        f"in {elapsed:.1f}s ({rate:.2f} images/s) -> {out.show(MANIFEST_NAME)}"
+    )
+    return {**manifest, "already_complete": False, "images_per_s": rate, "this_run": processed}
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return (
+        f"{counts['ok']} images ok, {counts['error']} with errors, {counts['instances']} instances"
+    )
+
+
+def _dataset(out, spec, pending, model, model_bytes, attempt, opts):
+    """The Ray Data pipeline over ``pending`` URIs; yields one record per staged part."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.stages import Segmenter, encode_rows, read_and_decode
+
+    gpus, cpus, (min_actors, max_actors) = _resources(opts)
+    cpus_total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Enough input blocks for every CPU to decode, small enough to stream.
+    per_block = max(1, min(256, math.ceil(len(pending) / (4 * cpus_total))))
+    blocks = [
+        pa.table({"uri": pa.array(pending[i : i + per_block], pa.string())})
+        for i in range(0, len(pending), per_block)
+    ]
+    model_ref = ray.put(model_bytes)
+    cfg = model.cfg
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            read_and_decode,
+            batch_size=max(1, min(opts.batch_size, per_block)),
+            batch_format="pyarrow",
+            fn_kwargs={
+                "storage_options": opts.input_options,
+                "cfg": cfg if opts.resize_on_cpu else None,
+            },
+            num_cpus=1,
+            # Room for one large image; being unlike the actor's resources, this also
+            # keeps Ray Data from fusing decode into the model actor, whose time is the
+            # model's alone.
+            memory=DECODE_TASK_MEMORY,
+        )
+        .map_batches(
+            Segmenter,
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            batch_size=opts.batch_size,
+            batch_format="pyarrow",
+            num_gpus=gpus,
+            num_cpus=cpus,
+            fn_constructor_args=([model_ref],),
+            fn_constructor_kwargs={
+                "resized_on_cpu": opts.resize_on_cpu,
+                "score_threshold": opts.score_threshold,
+                "max_detections": opts.max_detections,
+                "fast": opts.fast,
+                "threads": int(cpus),
+            },
+        )
+        .map_batches(
+            encode_rows,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "class_names": cfg.label_names,
+                "model_id": spec["model"],
+                "mask_threshold": cfg.mask_threshold,
+            },
+            num_cpus=1,
+        )
+        .map_batches(
+            write_part_batch,
+            batch_size=opts.rows_per_part,
+            batch_format="pyarrow",
+            fn_args=(out.uri, opts.output_options, attempt),
+            num_cpus=0.5,
+        )
+    )
+
+
+def write_part_batch(batch, output_uri: str, options: dict[str, Any] | None, attempt: str) -> Any:
+    """map_batches form of commit.write_staged_part: one staged part per batch, its record."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([write_staged_part(batch, output_uri, options, attempt)])

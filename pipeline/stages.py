@@ -1,0 +1,308 @@
+"""The per-batch steps of segment, as Ray Data map_batches callables over Arrow tables.
+
+Every per-image failure becomes a row with status "error" and a reason
+"stage: why" (read, decode, resize, model, encode); no exception leaves a
+stage because of one image, so one bad file never fails a job.
+
+Columns between stages (one row per image):
+
+* after :func:`read_and_decode`: uri, status, error, width, height (after EXIF
+  orientation), image (float32 [3, h, w] bytes, the model-sized image, or
+  uint8 [3, H, W] bytes when not resized on CPU), image_h, image_w;
+* after :class:`Segmenter`: uri, status, error, width, height, n, boxes
+  (float32 [n, 4] bytes, xyxy in original pixels), scores (float32 [n]),
+  labels (int64 [n]), mask_probs (float32 [n, M, M]);
+* after :func:`encode_rows`: pipeline.schema.SCHEMA.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.decode import DecodeError, decode_image
+from pipeline.schema import INSTANCE_TYPE, SCHEMA
+from pipeline.storage import get_fs
+
+READ_THREADS = 8
+READ_ATTEMPTS = 4
+# Pixels of full-size masks pasted at once (N * H * W): bounds encode memory.
+PASTE_PIXELS = 1 << 26
+
+
+def _reason(stage: str, exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        first = "no such file"
+    elif isinstance(exc, PermissionError):
+        first = "access denied"
+    return f"{stage}: {first[:200]}"
+
+
+def read_bytes(uri: str, options: dict[str, Any] | None) -> bytes:
+    """The bytes at ``uri``, retrying transient storage errors with backoff."""
+    from pipeline.commit import retrying
+
+    fs, path = get_fs(uri, options)
+    return retrying(fs.cat_file, path, what="read", attempts=READ_ATTEMPTS)
+
+
+def read_and_decode(
+    batch: pa.Table, *, storage_options: dict[str, Any] | None, cfg: Any | None
+) -> pa.Table:
+    """uri -> decoded (and, with ``cfg``, model-resized) images. See the module doc."""
+    import torch
+
+    uris = batch.column("uri").to_pylist()
+    n = len(uris)
+    status, error = ["ok"] * n, [None] * n
+    width, height = [None] * n, [None] * n
+    images: list[bytes | None] = [None] * n
+    image_h, image_w = [0] * n, [0] * n
+
+    def fetch(uri: str) -> bytes | BaseException:
+        try:
+            return read_bytes(uri, storage_options)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, n))) as pool:
+        contents = list(pool.map(fetch, uris))
+    for i, (uri, data) in enumerate(zip(uris, contents)):
+        if isinstance(data, BaseException):
+            status[i], error[i] = "error", _reason("read", data)
+            continue
+        try:
+            rgb = decode_image(data, uri)
+        except DecodeError as exc:
+            status[i], error[i] = "error", str(exc)
+            continue
+        height[i], width[i] = int(rgb.shape[0]), int(rgb.shape[1])
+        chw = torch.from_numpy(rgb).permute(2, 0, 1)
+        try:
+            if cfg is not None:
+                from maskrcnn.transforms import resize_to_model
+
+                chw = resize_to_model(chw, cfg).contiguous()
+            else:
+                chw = chw.contiguous()
+        except Exception as exc:
+            status[i], error[i] = "error", _reason("resize", exc)
+            width[i] = height[i] = None
+            continue
+        images[i] = chw.numpy().tobytes()
+        image_h[i], image_w[i] = int(chw.shape[1]), int(chw.shape[2])
+    return pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(error, pa.string()),
+            "width": pa.array(width, pa.int32()),
+            "height": pa.array(height, pa.int32()),
+            "image": pa.array(images, pa.large_binary()),
+            "image_h": pa.array(image_h, pa.int32()),
+            "image_w": pa.array(image_w, pa.int32()),
+        }
+    )
+
+
+class Segmenter:
+    """The model actor: loads the model once, runs predict on batches of images.
+
+    Masks come back as M x M probabilities (paste_masks=False); pasting them
+    at full resolution and RLE encoding are CPU work left to :func:`encode_rows`.
+    """
+
+    def __init__(
+        self,
+        model_ref: list,
+        *,
+        resized_on_cpu: bool,
+        score_threshold: float | None,
+        max_detections: int | None,
+        fast: bool,
+        threads: int,
+    ) -> None:
+        import ray
+        import torch
+
+        from pipeline.model_source import model_from_bytes
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model_from_bytes(ray.get(model_ref[0])).to(self.device).eval()
+        self.resized_on_cpu = resized_on_cpu
+        self.kwargs = {
+            "score_threshold": score_threshold,
+            "max_detections": max_detections,
+            "fast": fast,
+            "paste_masks": False,
+        }
+
+    def _predict(self, images: list, sizes: list[tuple[int, int]]) -> list[dict]:
+        if self.resized_on_cpu:
+            return self.model.predict(images, original_sizes=sizes, **self.kwargs)
+        return self.model.predict(images, **self.kwargs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        n = batch.num_rows
+        status = batch.column("status").to_pylist()
+        error = batch.column("error").to_pylist()
+        width = batch.column("width").to_pylist()
+        height = batch.column("height").to_pylist()
+        ok = [i for i in range(n) if status[i] == "ok"]
+        dtype = torch.float32 if self.resized_on_cpu else torch.uint8
+        blobs = batch.column("image")
+        image_h, image_w = batch.column("image_h").to_pylist(), batch.column("image_w").to_pylist()
+        images = [
+            torch.frombuffer(bytearray(blobs[i].as_py()), dtype=dtype)
+            .view(3, image_h[i], image_w[i])
+            .to(self.device, non_blocking=True)
+            for i in ok
+        ]
+        sizes = [(height[i], width[i]) for i in ok]
+        outputs: list[dict | None] = [None] * len(ok)
+        if ok:
+            try:
+                outputs = list(self._predict(images, sizes))
+            except Exception:
+                # One image may be what breaks the batch: run them one by one.
+                for j in range(len(ok)):
+                    try:
+                        outputs[j] = self._predict([images[j]], [sizes[j]])[0]
+                    except Exception as exc:
+                        i = ok[j]
+                        status[i], error[i] = "error", _reason("model", exc)
+                        width[i] = height[i] = None
+        return _detections_table(batch, status, error, width, height, ok, outputs)
+
+
+def _detections_table(batch, status, error, width, height, ok, outputs) -> pa.Table:
+    """Pack per-image detections as bytes columns, with one device-to-host copy per field."""
+    import torch
+
+    n = batch.num_rows
+    counts = [0] * n
+    fields = {"boxes": [b""] * n, "scores": [b""] * n, "labels": [b""] * n, "mask_probs": [b""] * n}
+    done = [(i, out) for i, out in zip(ok, outputs) if out is not None]
+    if done:
+        sizes = [int(out["scores"].shape[0]) for _, out in done]
+        for key in fields:
+            host = torch.cat([out[key] for _, out in done]).cpu()  # one copy per field
+            for (i, _), part in zip(done, torch.split(host, sizes)):
+                fields[key][i] = part.contiguous().numpy().tobytes()
+        for (i, _), size in zip(done, sizes):
+            counts[i] = size
+    return pa.table(
+        {
+            "uri": batch.column("uri"),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(error, pa.string()),
+            "width": pa.array(width, pa.int32()),
+            "height": pa.array(height, pa.int32()),
+            "n": pa.array(counts, pa.int32()),
+            **{key: pa.array(values, pa.large_binary()) for key, values in fields.items()},
+        }
+    )
+
+
+def encode_rows(
+    batch: pa.Table, *, class_names: list[str], model_id: str, mask_threshold: float
+) -> pa.Table:
+    """Detections -> rows in SCHEMA: masks pasted at full size and RLE encoded (CPU)."""
+    import torch
+
+    from maskrcnn.masks import paste_masks
+    from pipeline.rle import encode_masks
+
+    n_rows = batch.num_rows
+    status = batch.column("status").to_pylist()
+    error = batch.column("error").to_pylist()
+    width = batch.column("width").to_pylist()
+    height = batch.column("height").to_pylist()
+    counts = batch.column("n").to_pylist()
+    cols = {k: batch.column(k) for k in ("boxes", "scores", "labels", "mask_probs")}
+    per_row: list[tuple | None] = [None] * n_rows
+    for i in range(n_rows):
+        if status[i] != "ok":
+            continue
+        k = counts[i]
+        try:
+            boxes = np.frombuffer(cols["boxes"][i].as_py(), np.float32).reshape(k, 4)
+            scores = np.frombuffer(cols["scores"][i].as_py(), np.float32)
+            labels = np.frombuffer(cols["labels"][i].as_py(), np.int64)
+            probs = np.frombuffer(cols["mask_probs"][i].as_py(), np.float32)
+            side = int(round((probs.size // max(k, 1)) ** 0.5))
+            probs_t = torch.from_numpy(probs.reshape(k, side, side).copy())
+            boxes_t = torch.from_numpy(boxes.copy())
+            # Full-size masks in groups, so a big image with many detections stays bounded.
+            group = max(1, PASTE_PIXELS // max(1, height[i] * width[i]))
+            rle: list[str] = []
+            areas = []
+            for s in range(0, max(k, 1), group):
+                masks = paste_masks(
+                    probs_t[s : s + group],
+                    boxes_t[s : s + group],
+                    height[i],
+                    width[i],
+                    mask_threshold,
+                )
+                group_rle, group_areas = encode_masks(masks.numpy())
+                rle += group_rle
+                areas.append(group_areas)
+            per_row[i] = (labels, scores, boxes, rle, np.concatenate(areas))
+        except Exception as exc:
+            status[i], error[i] = "error", _reason("encode", exc)
+            width[i] = height[i] = None
+    instances = _instances_array(per_row, class_names)
+    return pa.table(
+        {
+            "uri": batch.column("uri"),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(error, pa.string()),
+            "width": pa.array(width, pa.int32()),
+            "height": pa.array(height, pa.int32()),
+            "instances": instances,
+            "model": pa.array([model_id] * n_rows, pa.string()),
+        },
+        schema=SCHEMA,
+    )
+
+
+def _instances_array(per_row: list[tuple | None], class_names: list[str]) -> pa.Array:
+    """list<INSTANCE_TYPE> from per-row (labels, scores, boxes, rle, areas), no per-detection loop."""
+    sizes = [0 if r is None else len(r[0]) for r in per_row]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    present = [r for r in per_row if r is not None and len(r[0])]
+
+    def cat(j: int, dtype, width: int = 1) -> np.ndarray:
+        if not present:
+            return np.zeros((0, width) if width > 1 else 0, dtype)
+        return np.concatenate([r[j] for r in present]).astype(dtype)
+
+    labels = cat(0, np.int64)
+    names = np.asarray(list(class_names) + ["?"], dtype=object)
+    label_names = names[np.where((labels >= 0) & (labels < len(class_names)), labels, -1)]
+    boxes = cat(2, np.float32, 4).reshape(-1)
+    rle = [s for r in present for s in r[3]]
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array(labels.astype(np.int32), pa.int32()),
+            pa.array(label_names.tolist(), pa.string()),
+            pa.array(cat(1, np.float32), pa.float32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(boxes, pa.float32()), 4),
+            pa.array(rle, pa.string()),
+            pa.array(cat(4, np.int64), pa.int64()),
+        ],
+        fields=list(INSTANCE_TYPE),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct).cast(
+        pa.list_(INSTANCE_TYPE)
+    )

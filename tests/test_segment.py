@@ -1,0 +1,505 @@
+"""segment end to end on a real local Ray cluster: every input exactly once, masks equal
+predict()'s, bad files as error rows, S3 both ways, resume after SIGKILL, a killed actor,
+refusals."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import duckdb
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, VENV_BIN
+from PIL import Image
+
+from pipeline.decode import decode_image
+from pipeline.model_source import ModelSource
+from pipeline.rle import decode_masks
+from pipeline.schema import MANIFEST_NAME, SCHEMA, committed_files, read_manifest
+from pipeline.segment import SegmentOptions, segment
+
+# --- inputs -----------------------------------------------------------------------
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_images(n_plain: int, seed: int = 0, odd: bool = True) -> dict[str, bytes]:
+    """name -> file bytes: plain RGB pictures (64..128 px) plus every odd or broken kind."""
+    rng = np.random.default_rng(seed)
+    files: dict[str, bytes] = {}
+    for i in range(n_plain):
+        h, w = (int(v) for v in rng.integers(64, 129, 2))
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        rgb[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
+        files[f"plain/img{i:03d}.png" if i % 2 else f"img{i:03d}.jpg"] = (
+            _encode(Image.fromarray(rgb), "PNG") if i % 2 else _encode(Image.fromarray(rgb), "JPEG")
+        )
+    if not odd:
+        return files
+    rgb = rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)
+    jpeg = _encode(Image.fromarray(rgb), "JPEG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 96 wide x 72 high, viewed rotated: 72 wide x 96 high
+    alpha = np.full((72, 96), 255, np.uint8)
+    alpha[:, :40] = 0
+    files.update(
+        {
+            "odd/zero.jpg": b"",
+            "odd/truncated.jpg": jpeg[: len(jpeg) // 2],
+            "odd/text.jpg": b"just some text, not a picture\n" * 4,
+            "odd/bomb.png": _png_header_only(20000, 20000),
+            "odd/deep16.png": _encode(
+                Image.fromarray((rng.integers(0, 65536, (70, 90))).astype(np.uint16)), "PNG"
+            ),
+            "odd/cmyk.jpg": _encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+            "odd/grey.png": _encode(Image.fromarray(rgb[:, :, 0], "L"), "PNG"),
+            "odd/rgba.png": _encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"),
+            "odd/palette.GIF": _encode(Image.fromarray(rgb).quantize(colors=32), "GIF"),
+            "odd/rotated.JPG": _encode(Image.fromarray(rgb), "JPEG", exif=exif),
+            "odd/dot.png": _encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+            "odd/notes.txt": b"ignored: not an image extension",
+        }
+    )
+    return files
+
+
+EXPECTED_ERRORS = {
+    "odd/zero.jpg": "decode: empty file",
+    "odd/truncated.jpg": "decode: image file is truncated",
+    "odd/text.jpg": "decode: cannot identify image file",
+    "odd/bomb.png": f"decode: decompression bomb (400000000 pixels > limit {Image.MAX_IMAGE_PIXELS})",
+}
+EXPECTED_SIZES = {"odd/rotated.JPG": (72, 96), "odd/dot.png": (1, 1), "odd/deep16.png": (90, 70)}
+
+
+def write_local(root: Path, files: dict[str, bytes]) -> dict[str, str]:
+    """Write files under root; returns {uri: name} for the images (what INPUT lists)."""
+    uris = {}
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if not name.endswith(".txt"):
+            uris[str(path)] = name
+    return uris
+
+
+def write_s3(fs, prefix: str, files: dict[str, bytes]) -> dict[str, str]:
+    uris = {}
+    for name, data in files.items():
+        fs.pipe(f"{prefix}/{name}", data)
+        if not name.endswith(".txt"):
+            uris[f"s3://{prefix}/{name}"] = name
+    return uris
+
+
+# --- model ------------------------------------------------------------------------
+
+
+def tiny_model(seed: int):
+    """The tiny preset, seeded, with boxes and mask logits scaled so that detections are
+    tens of pixels wide and masks fill part of them (an untrained model's are near empty)."""
+    from maskrcnn import MaskRCNN, MaskRCNNConfig
+
+    cfg = MaskRCNNConfig.preset("tiny", class_names=["__background__", "square", "circle", "tri"])
+    torch.manual_seed(seed)
+    model = MaskRCNN(cfg).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.bbox_pred.bias.view(-1, 4)[:, 2:] += 10.0
+        model.roi_heads.mask_head.logits.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{'a': (path, model), 'b': (path, model)}: two different tiny checkpoints."""
+    from maskrcnn.checkpoint import load, save
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        path = str(root / f"tiny-{name}.safetensors")
+        save(tiny_model(seed), path)
+        out[name] = (path, load(path))
+    return out
+
+
+def opts(**kw) -> SegmentOptions:
+    base = {
+        "batch_size": 1,
+        "actors": (1, 1),
+        "cpus_per_actor": 1,
+        "score_threshold": 0.0,
+        "max_detections": 5,
+        "rows_per_part": 4,
+    }
+    base.update(kw)
+    return SegmentOptions(**base)
+
+
+# --- reading back -----------------------------------------------------------------
+
+
+def read_back(output: str, storage: dict | None = None):
+    """(pyarrow table of the committed files, manifest); checks the files' schema."""
+    manifest = read_manifest(output, storage)
+    files = committed_files(output, storage)
+    fs = (
+        fsspec.filesystem("s3", **storage)
+        if output.startswith("s3://")
+        else fsspec.filesystem("file")
+    )
+    tables = []
+    for uri in files:
+        with fs.open(uri, "rb") as f:
+            table = pq.read_table(f)
+        assert table.schema.equals(SCHEMA), uri
+        tables.append(table)
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    counts = manifest["counts"]
+    assert counts["images"] == counts["ok"] + counts["error"] == table.num_rows
+    return table, manifest
+
+
+def duckdb_counts(files: list[str], storage: dict | None = None) -> tuple[int, int, int, int]:
+    """(rows, distinct uris, error rows, instances) as DuckDB sees the committed files."""
+    con = duckdb.connect()
+    if files[0].startswith("s3://"):
+        con.register_filesystem(fsspec.filesystem("s3", **storage))
+    rows = con.execute(
+        "SELECT count(*), count(DISTINCT uri), count(*) FILTER (status = 'error'), "
+        "sum(len(instances)) FROM read_parquet(?)",
+        [files],
+    ).fetchone()
+    return tuple(int(v) for v in rows)
+
+
+def assert_exactly_once(table, expected_uris) -> None:
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)), "a URI is in the output twice"
+    assert sorted(uris) == sorted(expected_uris)
+
+
+# --- tests ------------------------------------------------------------------------
+
+
+def test_local_dir_to_local_output_rows_and_masks_equal_predict(ray_local, tmp_path, models):
+    files = make_images(6)
+    uris = write_local(tmp_path / "in", files)
+    out = str(tmp_path / "out")
+    path, model = models["a"]
+    summary = segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path), opts())
+    table, manifest = read_back(out)
+    assert_exactly_once(table, uris)
+    assert duckdb_counts(committed_files(out)) == (
+        len(uris),
+        len(uris),
+        len(EXPECTED_ERRORS),
+        manifest["counts"]["instances"],
+    )
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
+    from maskrcnn.checkpoint import model_id
+
+    assert manifest["model"] == summary["model"] == model_id(model)
+    assert set(table.column("model").to_pylist()) == {manifest["model"]}
+
+    torch.set_num_threads(1)  # the actor ran with one thread: same kernels, same bits
+    compared = partial = 0
+    for row in table.to_pylist():
+        name = uris[row["uri"]]
+        if name in EXPECTED_ERRORS:
+            assert row["status"] == "error" and row["error"] == EXPECTED_ERRORS[name]
+            assert row["width"] is None and row["height"] is None and row["instances"] == []
+            continue
+        assert row["status"] == "ok" and row["error"] is None, row
+        image = decode_image(files[name])
+        assert (row["height"], row["width"]) == image.shape[:2]
+        if name in EXPECTED_SIZES:
+            assert (row["width"], row["height"]) == EXPECTED_SIZES[name]
+        ref = model.predict(
+            [torch.from_numpy(image).permute(2, 0, 1)], score_threshold=0.0, max_detections=5
+        )[0]
+        inst = row["instances"]
+        assert [i["label"] for i in inst] == ref["labels"].tolist()
+        assert [i["label_name"] for i in inst] == [
+            model.cfg.label_names[v] for v in ref["labels"].tolist()
+        ]
+        np.testing.assert_array_equal([i["score"] for i in inst], ref["scores"].numpy())
+        np.testing.assert_array_equal(
+            np.array([i["box"] for i in inst], np.float32).reshape(-1, 4), ref["boxes"].numpy()
+        )
+        masks = decode_masks([i["mask_counts"] for i in inst], row["height"], row["width"])
+        np.testing.assert_array_equal(masks, ref["masks"].numpy())
+        assert [i["area"] for i in inst] == masks.sum(axis=(1, 2)).tolist()
+        compared += len(inst)
+        boxes_area = [(b[2] - b[0]) * (b[3] - b[1]) for b in (i["box"] for i in inst)]
+        partial += sum(0 < i["area"] < a for i, a in zip(inst, boxes_area))
+    assert compared >= 20 and partial >= 10, (compared, partial)  # masks really compared
+
+
+def test_s3_input_to_s3_output_batched(ray_local, s3_server, s3_bucket, models):
+    storage = s3_server["storage_options"]
+    fs = fsspec.filesystem("s3", **storage)
+    uris = write_s3(
+        fs,
+        f"{s3_bucket}/in",
+        make_images(7, seed=3, odd=False) | {"broken.jpg": b"\xff\xd8\xff garbage"},
+    )
+    out = f"s3://{s3_bucket}/out"
+    path, _ = models["a"]
+    segment(
+        f"s3://{s3_bucket}/in",
+        out,
+        ModelSource(checkpoint=path),
+        opts(batch_size=3, rows_per_part=3, input_options=storage, output_options=storage),
+    )
+    table, manifest = read_back(out, storage)
+    assert_exactly_once(table, uris)
+    assert manifest["counts"]["error"] == 1 and manifest["counts"]["instances"] > 0
+    files = committed_files(out, storage)
+    assert len(files) == 3
+    assert duckdb_counts(files, storage)[:3] == (8, 8, 1)
+    fs.invalidate_cache()
+    assert fs.ls(out, detail=False) == sorted(
+        f"{s3_bucket}/out/{n}" for n in [MANIFEST_NAME, *manifest["files"]]
+    )
+
+
+def test_complete_output_kept_other_model_refused_overwrite_replaces(
+    ray_local, tmp_path, s3_server, s3_bucket, models, capsys
+):
+    storage = s3_server["storage_options"]
+    uris = write_local(tmp_path / "in", make_images(3, seed=5, odd=False))
+    out = f"s3://{s3_bucket}/out"
+    (path_a, _), (path_b, model_b) = models["a"], models["b"]
+    run = dict(output_options=storage)
+    first = segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path_a), opts(**run))
+    again = segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path_a), opts(**run))
+    assert again["already_complete"] and again["run_id"] == first["run_id"]
+    assert "is complete" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"finished run with another model: .*--overwrite"):
+        segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path_b), opts(**run))
+    with pytest.raises(ValueError, match=r"score_threshold: 0.0 \(now 0.5\)"):
+        segment(
+            str(tmp_path / "in"),
+            out,
+            ModelSource(checkpoint=path_a),
+            opts(score_threshold=0.5, **run),
+        )
+    assert read_manifest(out, storage)["run_id"] == first["run_id"]  # refusals changed nothing
+
+    replaced = segment(
+        str(tmp_path / "in"), out, ModelSource(checkpoint=path_b), opts(overwrite=True, **run)
+    )
+    table, manifest = read_back(out, storage)
+    assert_exactly_once(table, uris)
+    from maskrcnn.checkpoint import model_id
+
+    assert manifest["run_id"] == replaced["run_id"] != first["run_id"]
+    assert set(table.column("model").to_pylist()) == {model_id(model_b)}
+    fs = fsspec.filesystem("s3", **storage)
+    fs.invalidate_cache()
+    parts = sorted(p.rsplit("/", 1)[1] for p in fs.ls(out, detail=False) if "part-" in p)
+    assert parts == sorted(manifest["files"])  # the first run's parts are gone
+
+
+def _gcs_actors(class_part: str) -> dict[str, dict]:
+    import ray._private.state
+
+    return {
+        k: v for k, v in ray._private.state.actors().items() if class_part in v["ActorClassName"]
+    }
+
+
+def test_model_actor_killed_mid_run_still_exactly_once(
+    ray_local, tmp_path, s3_server, s3_bucket, models
+):
+    storage = s3_server["storage_options"]
+    fs = fsspec.filesystem("s3", **storage)
+    uris = write_s3(fs, f"{s3_bucket}/in", make_images(24, seed=7, odd=False))
+    out = tmp_path / "out"
+    before = set(_gcs_actors("MapWorker"))
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = segment(
+                f"s3://{s3_bucket}/in",
+                str(out),
+                ModelSource(checkpoint=models["a"][0]),
+                opts(rows_per_part=2, input_options=storage, max_detections=20),
+            )
+        except BaseException as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        parts = list(out.glob("part-*.parquet")) if out.exists() else []
+        alive = {
+            k: v
+            for k, v in _gcs_actors("MapWorker").items()
+            if k not in before and v["State"] == "ALIVE"
+        }
+        if parts and alive:
+            victim = next(iter(alive.items()))
+            committed_at_kill = len(parts)
+            os.kill(victim[1]["Pid"], signal.SIGKILL)
+        time.sleep(0.02)  # polling interval, not synchronisation
+    thread.join(timeout=300)
+    assert victim is not None, "the model actor was never seen alive with work left"
+    assert "error" not in result, result.get("error")
+    assert committed_at_kill < 12  # 24 images, 2 per part: killed with work left
+    restarted = _gcs_actors("MapWorker")[victim[0]]
+    assert restarted["NumRestarts"] >= 1 or restarted["Pid"] != victim[1]["Pid"]
+    table, _ = read_back(str(out))
+    assert_exactly_once(table, uris)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def _cli(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [str(VENV_BIN / "maskrcnn"), "segment", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,  # its own group: the Ray processes it starts go with it
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
+    uris = write_local(tmp_path / "in", make_images(40, seed=11, odd=False))
+    out = tmp_path / "out"
+    args = [
+        str(tmp_path / "in"), str(out), "--model", models["a"][0], "--batch-size", "2",
+        "--actors", "1", "--cpus-per-actor", "1", "--rows-per-part", "4",
+        "--score-threshold", "0", "--max-detections", "20",
+    ]  # fmt: skip
+    first = _cli(args, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and first.poll() is None:
+            if (out / "_run" / "lock.json").exists():
+                break
+            time.sleep(0.02)  # polling interval, not synchronisation
+        # A second run into the same OUTPUT while the first holds it is refused.
+        second = subprocess.run(
+            [str(VENV_BIN / "maskrcnn"), "segment", *args],
+            capture_output=True, text=True, cwd=REPO, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert "is being written by another segment run" in second.stderr
+        while time.monotonic() < deadline and first.poll() is None:
+            if len(list(out.glob("part-*.parquet"))) >= 2:
+                break
+            time.sleep(0.02)  # polling interval, not synchronisation
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-run
+        first.wait()
+    finally:
+        _kill_group(first)
+    committed = sorted(p.name for p in out.glob("part-*.parquet"))
+    committed_uris = [
+        u for p in committed for u in pq.read_table(out / p).column("uri").to_pylist()
+    ]
+    assert not (out / MANIFEST_NAME).exists() and 2 <= len(committed)
+    assert 0 < len(committed_uris) < 40 and len(set(committed_uris)) == len(committed_uris)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        read_manifest(str(out))
+
+    other = subprocess.run(
+        [str(VENV_BIN / "maskrcnn"), "segment", *args[:3], models["b"][0], *args[4:]],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert other.returncode == 2 and "unfinished run with another model" in other.stderr
+
+    rerun = _cli(args, tmp_path / "rerun.log")
+    try:
+        rerun.wait(timeout=300)
+    finally:
+        _kill_group(rerun)
+    log = (tmp_path / "rerun.log").read_text()
+    assert rerun.returncode == 0, log[-3000:]
+    assert (
+        f"{len(committed_uris)} of 40 images already committed; {40 - len(committed_uris)} to go"
+        in log
+    )
+    assert "40 images ok, 0 with errors" in log and "images/s" in log
+    table, manifest = read_back(str(out))
+    assert_exactly_once(table, uris)
+    assert set(committed) <= set(manifest["files"])  # parts from before the kill were kept
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
+
+
+def test_cli_errors_are_one_line(tmp_path, models, capsys):
+    from jobs.cli import main
+
+    for bad in (["--actors", "0"], ["--batch-size", "0"], ["--score-threshold", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["segment", "in", "out", "--model", "m", *bad])
+        assert exc.value.code == 2
+    capsys.readouterr()
+    rc = main(
+        ["segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--model", models["a"][0]]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"maskrcnn segment: error: INPUT {tmp_path / 'nowhere'}: no such folder or prefix"
+    ]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    rc = main(["segment", str(tmp_path), str(tmp_path / "o2"), "--model", str(tmp_path / "no.st")])
+    assert rc == 2 and "no.st: no such file" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
