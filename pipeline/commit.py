@@ -1,49 +1,40 @@
-"""Exactly-once output for `maskrcnn segment`: parts, promotion, lease, manifest.
+"""Exactly-once output for `maskrcnn segment`: parts, plan, manifest.
 
 Layout of an OUTPUT (any fsspec URI)::
 
-    OUTPUT/_manifest.json            commit point, written last (pipeline/schema.py)
-    OUTPUT/part-<hash>.parquet       committed parts: rows in SCHEMA, disjoint URI sets
-    OUTPUT/_run/run.json             the run's spec: model id, options, INPUT, plan size
-    OUTPUT/_run/plan.parquet         the sorted, unique input URIs (frozen at first start)
-    OUTPUT/_run/lock.json            the lease: run id, host, pid, heartbeat
-    OUTPUT/_run/staging/<attempt>/   parts written by Ray tasks, not yet accepted
+    OUTPUT/_manifest.json          commit point, written last (pipeline/schema.py)
+    OUTPUT/part-<hash>.parquet     committed parts: rows in SCHEMA, disjoint URI sets
+    OUTPUT/_run/run.json           the unfinished run's spec: model id, options, INPUT
+    OUTPUT/_run/plan.parquet       its sorted, unique input URIs (frozen at first start)
+    OUTPUT/_run/lock.json          the lease of the run writing now (pipeline/lease.py)
 
 Protocol:
 
-1. First start: list INPUT once, write the plan, then the spec. A re-run with
-   the same command reads them back instead of listing again, so the set of
-   images a run covers is fixed when it starts (files added later are not in
-   it). A spec that differs (model, INPUT, score threshold, max detections,
-   fast) is refused unless --overwrite.
+1. First start: list INPUT once and write the plan, then the spec. A re-run of
+   the same command reads them back instead of listing again: the images a run
+   covers are fixed when it starts. A re-run whose model, INPUT, score
+   threshold, max detections or fast mode differ is refused unless --overwrite.
 2. Resume: the URIs already committed are the ``uri`` column of the
    ``part-*.parquet`` files in OUTPUT; only the rest of the plan is processed.
-3. Ray write tasks put each part (one Parquet file, its counts in the footer)
-   under ``_run/staging/<attempt>/``. A task retried after a crash may leave a
-   second copy there; that is harmless because only the driver promotes, and
-   it promotes exactly the outputs Ray Data delivers to it, each once.
-4. Promotion moves a staged part to ``OUTPUT/part-<hash>.parquet``: a rename
-   on a local disk, a server-side copy on S3. Both make the whole file appear
-   at once, so a killed run never leaves a partial part where resume looks.
-   A driver killed between a task's write and the promotion loses only that
-   part's work (redone on resume, the staged copy is never read).
-5. Finish: read the ``uri`` column of every part, check the URIs are unique
-   and equal the plan, then write ``_manifest.json`` listing exactly those
-   parts (one PUT, atomic on S3; temp file + rename locally), then delete
-   ``_run/``. Readers trust only the manifest.
-6. Lease: one run at a time per OUTPUT. ``_run/lock.json`` holds the run's
-   id, host, pid and a heartbeat refreshed every HEARTBEAT_SECONDS. A second
-   run is refused while the lease is live; a lease whose heartbeat is older
-   than LEASE_SECONDS, or whose process is gone on this host, is taken over.
-   Object stores have no compare-and-swap here, so two runs starting in the
-   same instant could both write the lock: each heartbeat re-reads it and a
-   run that finds another id stops before promoting anything else, and the
-   uniqueness check of step 5 refuses to commit a doubled URI.
+3. Ray tasks encode each part (up to --rows-per-part images) to Parquet bytes,
+   counts in the footer. The driver receives every part exactly once (Ray
+   Data delivers each output block once, also when a task or actor is retried
+   after a crash) and writes it as ``part-<hash of its URIs>.parquet`` in one
+   atomic step: one PUT on an object store (S3 shows a whole object or none),
+   a temp file + rename on a local disk. So a part is in OUTPUT whole or not at
+   all, and only parts the driver accepted are there. A driver killed before
+   writing a part loses only that part's work, which a re-run redoes.
+4. Finish: read the ``uri`` column of every part, check the URIs are unique and
+   equal the plan, write ``_manifest.json`` listing exactly those parts (the
+   same atomic write), then delete ``_run/``. Readers trust only the manifest.
+5. One writer at a time: the lease (pipeline/lease.py) refuses a second run
+   while the first is alive; a run that loses its lease stops before writing
+   another part, and step 4 refuses to commit a doubled URI whatever happened.
 
-Ray Data's own checkpointing (ray.data.checkpoint, 2.60) records ids after
-its writes, separately from the data files, so a crash between the two leaves
-rows that are written again; this protocol instead makes the promotion of a
-whole part the single step that records progress.
+Why not Ray Data's own checkpointing (ray.data.checkpoint in 2.60): it records
+ids after its writes, apart from the data files, so a crash between the two
+leaves rows that are written again; here writing a whole part is the single
+step that records progress.
 """
 
 from __future__ import annotations
@@ -52,8 +43,6 @@ import hashlib
 import io
 import json
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -72,12 +61,9 @@ RUN_DIR = "_run"
 SPEC_NAME = f"{RUN_DIR}/run.json"
 PLAN_NAME = f"{RUN_DIR}/plan.parquet"
 LOCK_NAME = f"{RUN_DIR}/lock.json"
-STAGING_DIR = f"{RUN_DIR}/staging"
 PART_PREFIX = "part-"
 COUNTS_KEY = "maskrcnn.counts"
 
-HEARTBEAT_SECONDS = float(os.environ.get("MASKRCNN_HEARTBEAT_SECONDS", "10"))
-LEASE_SECONDS = float(os.environ.get("MASKRCNN_LEASE_SECONDS", "60"))
 
 T = TypeVar("T")
 
@@ -90,21 +76,33 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Errors that retrying cannot fix: raise them at once.
+PERMANENT_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+)
+
+
 def retrying(fn: Callable[..., T], *args: Any, what: str = "", attempts: int = 5) -> T:
     """``fn(*args)`` retried with exponential backoff on transient storage errors.
 
-    Missing files and refused access are not transient and raise at once.
+    Anything but PERMANENT_ERRORS counts as transient (throttling, connection
+    resets, timeouts: storage clients raise many types for these).
     """
     delay = 0.2
     for attempt in range(attempts):
         try:
             return fn(*args)
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except PERMANENT_ERRORS:
             raise
-        except (OSError, ConnectionError, TimeoutError) as exc:
+        except Exception as exc:
             if attempt == attempts - 1:
                 raise OSError(f"{what}: {exc}" if what else str(exc)) from exc
-            time.sleep(delay)
+            time.sleep(delay)  # backoff before the next try
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
 
@@ -157,6 +155,10 @@ class OutputDir:
             os.replace(tmp, path)
         else:  # one PUT: an object store shows the whole object or none
             retrying(self.fs.pipe_file, path, data, what=f"writing {self.show(rel)}")
+
+    def write_part(self, name: str, data: bytes) -> None:
+        """Commit one part (bytes from :func:`encode_part`) as ``OUTPUT/name``, atomically."""
+        self.put_bytes(name, data)
 
     def put_json(self, rel: str, value: dict[str, Any]) -> None:
         self.put_bytes(rel, json.dumps(value, indent=1, sort_keys=True).encode())
@@ -216,33 +218,20 @@ class OutputDir:
             {n: r[1] for n, r in zip(names, results)},
         )
 
-    def promote(self, staged_rel: str, name: str) -> None:
-        """Move a staged part to ``OUTPUT/name`` as one atomic step (see module doc)."""
-        src, dst = self.path(staged_rel), self.path(name)
-        if self.local:
-            os.replace(src, dst)  # atomic on one filesystem
-            return
-
-        def move() -> None:
-            try:
-                self.fs.copy(src, dst)  # server-side copy: the object appears whole
-            except FileNotFoundError:
-                if not self.fs.exists(dst):  # an earlier try copied and deleted it
-                    raise
-                return
-            self.fs.rm_file(src)
-
-        retrying(move, what=f"committing {self.show(name)}")
-
     def remove_empty_run_dir(self) -> None:
         """Remove ``_run/`` when it holds nothing (local folders; object stores have none)."""
-        if not self.local:
-            return
-        for rel in (STAGING_DIR, RUN_DIR):
+        if self.local:
             try:
-                os.rmdir(self.path(rel))
+                os.rmdir(self.path(RUN_DIR))
             except OSError:
                 pass
+
+    def remove_temporaries(self) -> None:
+        """Temp files of local writes a killed run left behind (never read: see put_bytes)."""
+        if self.local and os.path.isdir(self.root):
+            for name in os.listdir(self.root):
+                if ".tmp-" in name and name.startswith(PART_PREFIX):
+                    self.remove(name)
 
     def clear(self) -> None:
         """Remove what segment wrote (manifest first, so no reader sees a half-deleted set)."""
@@ -251,7 +240,7 @@ class OutputDir:
             self.remove(name)
         for rel in (SPEC_NAME, PLAN_NAME):
             self.remove(rel)
-        self.remove(STAGING_DIR, recursive=True)
+        self.remove_temporaries()
 
 
 def part_name(uris: list[str]) -> str:
@@ -268,22 +257,18 @@ def part_counts(table: pa.Table) -> dict[str, int]:
     return {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "instances": instances}
 
 
-def write_staged_part(
-    table: pa.Table, output_uri: str, options: dict[str, Any] | None, attempt: str
-) -> dict[str, Any]:
-    """Write rows (SCHEMA) as one staged Parquet part; returns the record the driver promotes."""
-    out = OutputDir(output_uri, options)
+def encode_part(table: pa.Table) -> dict[str, Any]:
+    """Rows (SCHEMA) -> one Parquet part: {"name", "data" (the file's bytes), counts...}.
+
+    Runs in Ray tasks; the driver writes the bytes (see the module doc).
+    """
     table = table.cast(SCHEMA)
-    uris = table.column("uri").to_pylist()
-    name = part_name(uris)
     counts = part_counts(table)
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, SCHEMA, compression="zstd") as writer:
         writer.write_table(table)
         writer.add_key_value_metadata({COUNTS_KEY: json.dumps(counts)})
-    staged = f"{STAGING_DIR}/{attempt}/{name}"
-    out.put_bytes(staged, buf.getvalue())
-    return {"name": name, "staged": staged, **counts}
+    return {"name": part_name(table.column("uri").to_pylist()), "data": buf.getvalue(), **counts}
 
 
 def spec_mismatches(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -342,123 +327,7 @@ def finalize(
         **extra,
     }
     out.put_json(MANIFEST_NAME, manifest)
-    out.remove(STAGING_DIR, recursive=True)
+    out.remove_temporaries()
     out.remove(PLAN_NAME)
     out.remove(SPEC_NAME)
     return manifest
-
-
-# --- the lease -----------------------------------------------------------------------
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):  # a zombie has finished running
-            return None
-        return fields[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive_here(lock: dict[str, Any]) -> bool | None:
-    """True/False when the lock's process is on this host; None when it is elsewhere."""
-    if lock.get("host") != socket.gethostname():
-        return None
-    pid = lock.get("pid")
-    if not isinstance(pid, int):
-        return False
-    if not os.path.isdir("/proc"):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    start = _process_start(pid)
-    return start is not None and lock.get("pid_start") in (None, start)
-
-
-class Lease:
-    """One writer per OUTPUT: ``_run/lock.json`` with a heartbeat (see module doc)."""
-
-    def __init__(self, out: OutputDir, run_id: str) -> None:
-        self.out = out
-        self.run_id = run_id
-        self.attempt = uuid.uuid4().hex[:12]
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _record(self) -> dict[str, Any]:
-        pid = os.getpid()
-        return {
-            "run_id": self.run_id,
-            "attempt": self.attempt,
-            "host": socket.gethostname(),
-            "pid": pid,
-            "pid_start": _process_start(pid),
-            "heartbeat": time.time(),
-            "heartbeat_iso": now_iso(),
-        }
-
-    def holder(self) -> dict[str, Any] | None:
-        """The live lease of another run, or None when OUTPUT is free to take."""
-        lock = self.out.read_json(LOCK_NAME)
-        if not lock or lock.get("attempt") == self.attempt:
-            return None
-        alive = _alive_here(lock)
-        if alive is False:
-            return None
-        age = time.time() - float(lock.get("heartbeat", 0))
-        return lock if age <= LEASE_SECONDS else None
-
-    def acquire(self) -> None:
-        holder = self.holder()
-        if holder is not None:
-            age = time.time() - float(holder.get("heartbeat", 0))
-            raise OutputStateError(
-                f"OUTPUT {self.out.show()} is being written by another segment run "
-                f"(run {holder.get('run_id')}, host {holder.get('host')}, pid {holder.get('pid')}, "
-                f"heartbeat {age:.0f}s ago); wait for it to finish, or if it is gone, wait "
-                f"{LEASE_SECONDS:.0f}s for its lease to expire (or delete {self.out.show(LOCK_NAME)})"
-            )
-        self.out.put_json(LOCK_NAME, self._record())
-        back = self.out.read_json(LOCK_NAME)
-        if not back or back.get("attempt") != self.attempt:
-            raise OutputStateError(
-                f"OUTPUT {self.out.show()}: another segment run took the lease at the same "
-                "time; run one at a time"
-            )
-        self._thread = threading.Thread(target=self._beat, name="segment-lease", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                lock = self.out.read_json(LOCK_NAME)
-                if lock is not None and lock.get("attempt") != self.attempt:
-                    self.lost = f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
-                    return
-                self.out.put_json(LOCK_NAME, self._record())
-            except Exception:  # flaky storage: try again at the next beat
-                continue
-
-    def check(self) -> None:
-        """Raise if another run took the lease: this run must not commit anything more."""
-        if self.lost:
-            raise RuntimeError(
-                f"OUTPUT {self.out.show()}: lost the lease ({self.lost}); stopping without "
-                "committing more"
-            )
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=HEARTBEAT_SECONDS + 5)
-        lock = self.out.read_json(LOCK_NAME)
-        if lock is not None and lock.get("attempt") == self.attempt:
-            self.out.remove(LOCK_NAME)

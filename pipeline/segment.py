@@ -4,8 +4,8 @@ The data flow reads like the sentence it is::
 
     plan (listed URIs) -> read bytes + decode + resize (CPU tasks)
       -> Segmenter (model actors, one model load each, batched predict)
-      -> paste masks + RLE encode (CPU tasks) -> write staged parts (CPU tasks)
-      -> driver promotes each delivered part -> manifest
+      -> paste masks + RLE encode (CPU tasks) -> Parquet parts (CPU tasks)
+      -> the driver writes each part it receives, atomically -> manifest
 
 Exactly once and resume follow the protocol in pipeline/commit.py: a part
 file appears in OUTPUT only as a whole, only the driver puts it there, a
@@ -27,14 +27,14 @@ from pipeline.commit import (
     PLAN_NAME,
     RUN_DIR,
     SPEC_NAME,
-    Lease,
     OutputDir,
     OutputStateError,
+    encode_part,
     finalize,
     now_iso,
     spec_mismatches,
-    write_staged_part,
 )
+from pipeline.lease import Lease
 from pipeline.model_source import ModelSource, load_model
 from pipeline.schema import MANIFEST_NAME
 from pipeline.storage import get_fs, redact
@@ -217,23 +217,16 @@ def _run(out, spec, plan, model, model_bytes, lease, opts, log) -> dict[str, Any
     started = time.monotonic()
     processed = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
     if pending:
-        for record in _dataset(
-            out, spec, pending, model, model_bytes, lease.attempt, opts
-        ).iter_rows():
-            lease.check()
-            out.promote(record["staged"], record["name"])
+        for record in _dataset(spec, pending, model, model_bytes, opts).iter_rows():
+            lease.check()  # never write a part after another run took OUTPUT over
+            out.write_part(record["name"], record["data"])
             processed["parts"] += 1
             for key in ("rows", "ok", "error", "instances"):
                 processed[key] += int(record[key])
     elapsed = time.monotonic() - started
     lease.check()
     versions = _versions()
-    manifest = finalize(
-        out,
-        spec,
-        plan,
-        {"versions": versions, **opts.extra_manifest},
-    )
+    manifest = finalize(out, spec, plan, {"versions": versions, **opts.extra_manifest})
     rate = processed["rows"] / elapsed if elapsed > 0 and processed["rows"] else 0.0
     log(
         f"segment: {_counts_text(manifest['counts'])}; this run {processed['rows']} images "
@@ -248,8 +241,8 @@ def _counts_text(counts: dict[str, int]) -> str:
     )
 
 
-def _dataset(out, spec, pending, model, model_bytes, attempt, opts):
-    """The Ray Data pipeline over ``pending`` URIs; yields one record per staged part."""
+def _dataset(spec, pending, model, model_bytes, opts):
+    """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
     import pyarrow as pa
     import ray
 
@@ -308,17 +301,13 @@ def _dataset(out, spec, pending, model, model_bytes, attempt, opts):
             num_cpus=1,
         )
         .map_batches(
-            write_part_batch,
-            batch_size=opts.rows_per_part,
-            batch_format="pyarrow",
-            fn_args=(out.uri, opts.output_options, attempt),
-            num_cpus=0.5,
+            encode_part_batch, batch_size=opts.rows_per_part, batch_format="pyarrow", num_cpus=0.5
         )
     )
 
 
-def write_part_batch(batch, output_uri: str, options: dict[str, Any] | None, attempt: str) -> Any:
-    """map_batches form of commit.write_staged_part: one staged part per batch, its record."""
+def encode_part_batch(batch: Any) -> Any:
+    """map_batches form of commit.encode_part: one Parquet part per batch, as a one-row table."""
     import pyarrow as pa
 
-    return pa.Table.from_pylist([write_staged_part(batch, output_uri, options, attempt)])
+    return pa.Table.from_pylist([encode_part(batch)])
