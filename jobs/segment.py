@@ -96,8 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rows-per-part",
         type=_positive_int,
-        default=1000,
-        help="images per Parquet file (default 1000)",
+        default=500,
+        help="images per Parquet file, also the most work a killed run loses (default 500)",
     )
     p.add_argument(
         "--endpoint-url", help="S3 endpoint for INPUT, OUTPUT and the model (else AWS_ENDPOINT_URL)"
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor if args.cpus_per_actor else None,
+        cpus_per_actor=args.cpus_per_actor,
         score_threshold=args.score_threshold,
         max_detections=args.max_detections,
         fast=args.fast,

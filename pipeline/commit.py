@@ -118,6 +118,7 @@ class OutputDir:
         self.fs, self.root = get_fs(self.uri, self.options)
         self.root = self.root.rstrip("/")
         self.local = protocol_of(self.uri) == "file"
+        self.created = self.local and not os.path.exists(self.root)
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -219,12 +220,13 @@ class OutputDir:
         )
 
     def remove_empty_run_dir(self) -> None:
-        """Remove ``_run/`` when it holds nothing (local folders; object stores have none)."""
+        """Remove ``_run/`` when it holds nothing, and OUTPUT too if this run made it empty."""
         if self.local:
-            try:
-                os.rmdir(self.path(RUN_DIR))
-            except OSError:
-                pass
+            for path in [self.path(RUN_DIR)] + ([self.root] if self.created else []):
+                try:
+                    os.rmdir(path)  # only when empty
+                except OSError:
+                    pass
 
     def remove_temporaries(self) -> None:
         """Temp files of local writes a killed run left behind (never read: see put_bytes)."""

@@ -103,7 +103,11 @@ class Lease:
                 f"heartbeat {age:.0f}s ago); wait for it to finish, or if it is gone, wait "
                 f"{LEASE_SECONDS:.0f}s for its lease to expire (or delete {self.out.show(LOCK_NAME)})"
             )
-        self.out.put_json(LOCK_NAME, self._record())
+        try:
+            self.out.put_json(LOCK_NAME, self._record())
+        except OSError as exc:  # the first write to OUTPUT: say which and why
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OSError(f"OUTPUT {self.out.show()}: cannot write there ({reason})") from exc
         back = self.out.read_json(LOCK_NAME)
         if not back or back.get("attempt") != self.attempt:
             raise OutputStateError(

@@ -39,8 +39,9 @@ from pipeline.model_source import ModelSource, load_model
 from pipeline.schema import MANIFEST_NAME
 from pipeline.storage import get_fs, redact
 
-# Memory reserved per decode task: a 40-megapixel photo decoded and resized to float.
-DECODE_TASK_MEMORY = 512 * 1024**2
+# Memory reserved per decode task: a worker with torch loaded (~0.5 GiB) plus a
+# 40-megapixel photo decoded and resized to float.
+DECODE_TASK_MEMORY = 1024**3
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SegmentOptions:
     max_detections: int | None = None
     fast: bool = False
     overwrite: bool = False
-    rows_per_part: int = 1000
+    rows_per_part: int = 500  # images per Parquet file: also what a killed run can lose
     resize_on_cpu: bool = True
     ray_address: str | None = None  # when Ray is not initialised yet; None: RAY_ADDRESS or local
     input_options: dict[str, Any] | None = None

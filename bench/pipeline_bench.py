@@ -1,0 +1,265 @@
+"""Segment pipeline benchmark: end to end against the model alone, memory at 1x vs 10x.
+
+    .venv/bin/python bench/pipeline_bench.py [--images 1000] [--repeats 3] ...
+
+Measured in one run, so that the machine's load (it is shared) weighs on both
+sides of every ratio:
+
+* pipeline images/s: ``segment()`` from a folder of PNG files to a committed
+  Parquet dataset (listing, reading, decoding, model actors, RLE, Parquet,
+  manifest; Ray already started), against the model alone: ``predict`` on the
+  same images already decoded, same batch size and mode, in this process;
+* peak memory (PSS of this process and every process below it: Ray's
+  raylet, workers and object store pages) of a run over --mem-images images
+  against a run over 10x as many;
+* output bytes per instance: committed Parquet bytes / instances.
+
+Writes bench/results/pipeline.json and prints a table. Never run as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+
+def tree_pss_bytes(root_pid: int) -> int:
+    """Proportional set size of ``root_pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples tree_pss_bytes(this process) every ``interval`` s while in a with-block."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss_bytes(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_images(root: Path, count: int, size: int) -> list[Path]:
+    from pipeline.shapes import _png_bytes, iter_shapes
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, sample in enumerate(iter_shapes(count, size, seed=7)):
+        path = root / f"{i // 100:03d}" / f"shape{i:06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(_png_bytes(sample.image))
+        paths.append(path)
+    return paths
+
+
+def model_alone(model, paths: list[Path], batch_size: int, fast: bool) -> dict:
+    """predict() over pre-decoded images; decoding is not timed."""
+    import torch
+
+    from pipeline.decode import decode_image
+
+    images = [torch.from_numpy(decode_image(p.read_bytes())).permute(2, 0, 1) for p in paths]
+    model.predict(images[:batch_size], fast=fast)  # warm-up, as the actors' first batch
+    start = time.perf_counter()
+    instances = 0
+    for i in range(0, len(images), batch_size):
+        out = model.predict(images[i : i + batch_size], fast=fast)
+        instances += sum(int(o["scores"].shape[0]) for o in out)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": len(images) / seconds, "seconds": seconds, "instances": instances}
+
+
+def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
+    from pipeline.model_source import ModelSource
+    from pipeline.segment import SegmentOptions, segment
+
+    opts = SegmentOptions(
+        batch_size=args.batch_size,
+        actors=(args.actors, args.actors),
+        cpus_per_actor=args.cpus_per_actor,
+        fast=args.fast,
+        rows_per_part=args.rows_per_part,
+    )
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        summary = segment(
+            input_uri, str(output), ModelSource(checkpoint=model_path), opts, log=lambda m: None
+        )
+        seconds = time.perf_counter() - start
+    parquet_bytes = sum((output / name).stat().st_size for name in summary["files"])
+    counts = summary["counts"]
+    return {
+        "images_per_s": counts["images"] / seconds,
+        "seconds": seconds,
+        "counts": counts,
+        "peak_pss_bytes": memory.peak,
+        "parquet_bytes": parquet_bytes,
+        "bytes_per_instance": parquet_bytes / max(1, counts["instances"]),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--images", type=int, default=1000, help="images in the throughput runs")
+    p.add_argument("--mem-images", type=int, default=100, help="1x for the memory ratio (10x too)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="throughput runs per side (median)")
+    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="default: half the CPUs")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs Ray may use")
+    p.add_argument("--rows-per-part", type=int, default=1000)
+    p.add_argument("--fast", action="store_true")
+    p.add_argument("--model", help="maskrcnn checkpoint (default: the tiny preset, seed 0)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
+    args = p.parse_args()
+    if args.cpus_per_actor is None:
+        args.cpus_per_actor = float(max(1, args.cpus // 2))
+
+    import ray
+    import torch
+
+    from maskrcnn import MaskRCNN, MaskRCNNConfig
+    from maskrcnn.checkpoint import load, save
+
+    work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    total = max(args.images, 10 * args.mem_images)
+    t0 = time.perf_counter()
+    paths = make_images(work / "in", total, args.size)
+    print(f"made {total} {args.size}px PNG images in {time.perf_counter() - t0:.0f}s under {work}")
+    lists = {}
+    for name, count in (
+        ("throughput", args.images),
+        ("mem1x", args.mem_images),
+        ("mem10x", 10 * args.mem_images),
+    ):
+        lists[name] = work / f"{name}.txt"
+        lists[name].write_text("".join(f"{q}\n" for q in paths[:count]))
+
+    if args.model:
+        model_path = args.model
+    else:
+        torch.manual_seed(0)
+        model_path = str(work / "tiny.safetensors")
+        save(MaskRCNN(MaskRCNNConfig.preset("tiny", num_classes=4)), model_path)
+    model = load(model_path).eval()
+    torch.set_num_threads(int(args.cpus_per_actor))  # the model alone gets the actor's threads
+
+    ray.init(
+        num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    load_before = os.getloadavg()
+    alone, pipe = [], []
+    for r in range(args.repeats):
+        # Alternate the order so that drift in the machine's load hits both sides.
+        order = ("alone", "pipeline") if r % 2 == 0 else ("pipeline", "alone")
+        for side in order:
+            if side == "alone":
+                alone.append(model_alone(model, paths[: args.images], args.batch_size, args.fast))
+            else:
+                pipe.append(
+                    pipeline_run(str(lists["throughput"]), work / f"out-{r}", model_path, args)
+                )
+            last = alone[-1] if side == "alone" else pipe[-1]
+            print(f"repeat {r} {side:8s} {last['images_per_s']:.2f} images/s")
+    mem1 = pipeline_run(str(lists["mem1x"]), work / "out-mem1x", model_path, args)
+    mem10 = pipeline_run(str(lists["mem10x"]), work / "out-mem10x", model_path, args)
+    load_after = os.getloadavg()
+    ray.shutdown()
+
+    alone_rate = statistics.median(a["images_per_s"] for a in alone)
+    pipe_rate = statistics.median(q["images_per_s"] for q in pipe)
+    ratios = [q["images_per_s"] / a["images_per_s"] for q, a in zip(pipe, alone)]
+    result = {
+        "what": "segment end to end (folder of PNGs -> committed Parquet) vs predict() alone",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_before": load_before,
+            "load_avg_after": load_after,
+        },
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "pipeline_images_per_s_median": pipe_rate,
+        "model_alone_images_per_s_median": alone_rate,
+        "ratio_pipeline_to_model_median": statistics.median(ratios),
+        "ratios": ratios,
+        "target_ratio": 0.9,
+        "memory": {
+            "images_1x": args.mem_images,
+            "peak_pss_bytes_1x": mem1["peak_pss_bytes"],
+            "peak_pss_bytes_10x": mem10["peak_pss_bytes"],
+            "ratio_10x_to_1x": mem10["peak_pss_bytes"] / max(1, mem1["peak_pss_bytes"]),
+            "target_ratio": 1.2,
+        },
+        "output_bytes_per_instance": statistics.median(q["bytes_per_instance"] for q in pipe),
+        "instances_per_image": pipe[0]["counts"]["instances"] / max(1, pipe[0]["counts"]["images"]),
+        "runs": {"pipeline": pipe, "model_alone": alone, "mem1x": mem1, "mem10x": mem10},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    mib = 1024**2
+    print(f"{'':34s}{'value':>12s}  target")
+    print(f"{'pipeline images/s (median)':34s}{pipe_rate:12.2f}")
+    print(f"{'model alone images/s (median)':34s}{alone_rate:12.2f}")
+    print(
+        f"{'pipeline / model (median)':34s}{result['ratio_pipeline_to_model_median']:12.3f}  >= 0.9"
+    )
+    print(f"{'peak PSS 1x (MiB)':34s}{mem1['peak_pss_bytes'] / mib:12.0f}")
+    print(f"{'peak PSS 10x (MiB)':34s}{mem10['peak_pss_bytes'] / mib:12.0f}")
+    print(f"{'memory 10x / 1x':34s}{result['memory']['ratio_10x_to_1x']:12.3f}  <= 1.2")
+    print(f"{'output bytes per instance':34s}{result['output_bytes_per_instance']:12.1f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
