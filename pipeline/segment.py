@@ -163,13 +163,13 @@ def segment(
     try:
         if opts.overwrite:
             out.clear()
-        spec, plan = _plan(out, spec, input_uri, opts, log)
+        spec, plan, sources = _plan(out, spec, input_uri, opts, log)
         import ray
 
         if not ray.is_initialized():
             # address None: RAY_ADDRESS when set (under `ray job submit`), else a local instance.
             ray.init(address=opts.ray_address, configure_logging=False)
-        summary = _run(out, spec, plan, model, model_bytes, lease, opts, log)
+        summary = _run(out, spec, plan, sources, model, model_bytes, lease, opts, log)
     finally:
         lease.release()
         out.remove_empty_run_dir()
@@ -177,8 +177,14 @@ def segment(
     return summary
 
 
-def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str]]:
-    """The run's spec and URI plan: read back on resume, else listed and written now."""
+def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str], dict | None]:
+    """(spec, plan, sources): read back on resume, else listed and written now.
+
+    The plan holds each image's key: its URI redacted (pipeline.storage.redact),
+    which is also the ``uri`` column, so that signed-URL parameters are never
+    stored. ``sources`` maps key -> the URI to read when the two differ (None
+    when no URI carried secrets); on resume it comes from listing INPUT again.
+    """
     from pipeline.inputs import list_inputs
 
     old = out.read_json(SPEC_NAME)
@@ -190,21 +196,39 @@ def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str]]:
                 f"{'; '.join(diffs)}; re-run that command to finish it, or pass --overwrite"
             )
         plan = out.read_plan()
+        sources = None
+        if old.get("sources_redacted"):
+            sources = _sources(list_inputs(input_uri, opts.input_options))
+            if set(sources) != set(plan):
+                raise OutputStateError(
+                    f"INPUT {redact(input_uri)} now lists other images than when the run in "
+                    f"{out.show()} started; restore it, or pass --overwrite"
+                )
         log(f"segment: resuming run {old['run_id']} in {out.show()} ({len(plan)} images planned)")
-        return old, plan
+        return old, plan, sources
     if out.part_names():
         raise OutputStateError(
             f"OUTPUT {out.show()} holds part files but no run state; pass --overwrite to "
             "replace them"
         )
-    plan = list_inputs(input_uri, opts.input_options)
+    sources = _sources(list_inputs(input_uri, opts.input_options))
+    plan = sorted(sources)
     out.write_plan(plan)
-    spec = {**spec, "images": len(plan)}
+    redacted = any(key != uri for key, uri in sources.items())
+    spec = {**spec, "images": len(plan), "sources_redacted": redacted}
     out.put_json(SPEC_NAME, spec)  # after the plan: a spec always has its plan
-    return spec, plan
+    return spec, plan, (sources if redacted else None)
 
 
-def _run(out, spec, plan, model, model_bytes, lease, opts, log) -> dict[str, Any]:
+def _sources(uris: list[str]) -> dict[str, str]:
+    """key (redacted URI) -> URI; of URIs that differ only in secrets, the first is kept."""
+    sources: dict[str, str] = {}
+    for uri in uris:
+        sources.setdefault(redact(uri), uri)
+    return sources
+
+
+def _run(out, spec, plan, sources, model, model_bytes, lease, opts, log) -> dict[str, Any]:
     names = out.part_names()
     uris_by_part, _ = out.read_part_uris_and_counts(names)
     done = {u for uris in uris_by_part.values() for u in uris}
@@ -218,7 +242,7 @@ def _run(out, spec, plan, model, model_bytes, lease, opts, log) -> dict[str, Any
     started = time.monotonic()
     processed = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
     if pending:
-        for record in _dataset(spec, pending, model, model_bytes, opts).iter_rows():
+        for record in _dataset(spec, pending, sources, model, model_bytes, opts).iter_rows():
             lease.check()  # never write a part after another run took OUTPUT over
             out.write_part(record["name"], record["data"])
             processed["parts"] += 1
@@ -242,7 +266,7 @@ def _counts_text(counts: dict[str, int]) -> str:
     )
 
 
-def _dataset(spec, pending, model, model_bytes, opts):
+def _dataset(spec, pending, sources, model, model_bytes, opts):
     """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
     import pyarrow as pa
     import ray
@@ -253,10 +277,13 @@ def _dataset(spec, pending, model, model_bytes, opts):
     cpus_total = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Enough input blocks for every CPU to decode, small enough to stream.
     per_block = max(1, min(256, math.ceil(len(pending) / (4 * cpus_total))))
-    blocks = [
-        pa.table({"uri": pa.array(pending[i : i + per_block], pa.string())})
-        for i in range(0, len(pending), per_block)
-    ]
+    blocks = []
+    for i in range(0, len(pending), per_block):
+        keys = pending[i : i + per_block]
+        columns = {"uri": pa.array(keys, pa.string())}
+        if sources is not None:  # read from the full URI, store the key
+            columns["source"] = pa.array([sources[k] for k in keys], pa.string())
+        blocks.append(pa.table(columns))
     model_ref = ray.put(model_bytes)
     cfg = model.cfg
     return (

@@ -17,6 +17,7 @@ Columns between stages (one row per image):
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,18 +29,24 @@ from pipeline.schema import INSTANCE_TYPE, SCHEMA
 from pipeline.storage import get_fs
 
 READ_THREADS = 8
-READ_ATTEMPTS = 4
+READ_ATTEMPTS = 6
 # Pixels of full-size masks pasted at once (N * H * W): bounds encode memory.
 PASTE_PIXELS = 1 << 26
 
 
+# A URL's query string (signed-URL parameters) inside an error message.
+_URL_QUERY = re.compile(r"(\w+://[^\s'\"?]+)\?[^\s'\"]*")
+
+
 def _reason(stage: str, exc: BaseException) -> str:
+    """``stage: first line of the error``, without URL query strings (signatures)."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, FileNotFoundError):
         first = "no such file"
     elif isinstance(exc, PermissionError):
         first = "access denied"
+    first = _URL_QUERY.sub(r"\1", first)
     return f"{stage}: {first[:200]}"
 
 
@@ -58,6 +65,8 @@ def read_and_decode(
     import torch
 
     uris = batch.column("uri").to_pylist()
+    # The URI to read; "uri" is the stored key (the same unless it had secrets).
+    sources = batch.column("source").to_pylist() if "source" in batch.column_names else uris
     n = len(uris)
     status, error = ["ok"] * n, [None] * n
     width, height = [None] * n, [None] * n
@@ -71,7 +80,7 @@ def read_and_decode(
             return exc
 
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, n))) as pool:
-        contents = list(pool.map(fetch, uris))
+        contents = list(pool.map(fetch, sources))
     for i, (uri, data) in enumerate(zip(uris, contents)):
         if isinstance(data, BaseException):
             status[i], error[i] = "error", _reason("read", data)

@@ -337,6 +337,47 @@ def test_complete_output_kept_other_model_refused_overwrite_replaces(
     assert parts == sorted(manifest["files"])  # the first run's parts are gone
 
 
+@pytest.fixture
+def http_server(tmp_path):
+    """A static file server on loopback over tmp_path/www (query strings ignored)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_signed_urls_are_read_but_never_stored_or_logged(
+    ray_local, tmp_path, http_server, models, capsys
+):
+    root, base = http_server
+    files = make_images(3, seed=9, odd=False)
+    write_local(root, files)
+    secret = "X-Amz-Signature=SECRETSIG123&X-Amz-Credential=AKIASECRETKEY"
+    signed = [f"{base}/{name}?{secret}" for name in files] + [f"{base}/missing.jpg?{secret}"]
+    (tmp_path / "list.txt").write_text("\n".join(signed) + "\n")
+    out = tmp_path / "out"
+    segment(str(tmp_path / "list.txt"), str(out), ModelSource(checkpoint=models["a"][0]), opts())
+    table, _ = read_back(str(out))
+    assert_exactly_once(table, [u.split("?")[0] for u in signed])
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    assert rows[f"{base}/missing.jpg"]["error"].startswith("read: ")
+    assert sum(r["status"] == "ok" for r in rows.values()) == 3
+    for path in out.rglob("*"):
+        assert b"SECRET" not in path.read_bytes(), path
+    captured = capsys.readouterr()
+    assert "SECRET" not in captured.out + captured.err
+
+
 def _gcs_actors(class_part: str) -> dict[str, dict]:
     import ray._private.state
 
