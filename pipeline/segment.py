@@ -90,7 +90,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _resources(opts: SegmentOptions) -> tuple[float, float, tuple[int, int]]:
+def _resources(opts: SegmentOptions, log) -> tuple[float, float, tuple[int, int]]:
     """(gpus per actor, cpus per actor, (min, max) actors) from options and the cluster."""
     import ray
 
@@ -107,6 +107,12 @@ def _resources(opts: SegmentOptions) -> tuple[float, float, tuple[int, int]]:
         actors = (1, max(1, int(gpus_total // gpus))) if gpus > 0 else (1, 1)
     if actors[0] < 1 or actors[1] < actors[0]:
         raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {actors}")
+    if gpus * actors[0] > gpus_total:
+        # Not an error: an autoscaling cluster adds GPU nodes when Ray asks for them.
+        log(
+            f"segment: waiting for {gpus * actors[0]:g} GPUs for {actors[0]} model actors; "
+            f"the cluster has {gpus_total} now"
+        )
     return gpus, cpus, actors
 
 
@@ -119,13 +125,16 @@ def segment(
 ) -> dict[str, Any]:
     """Segment every image INPUT names into OUTPUT; returns the summary (manifest + rate).
 
-    Ray must be initialised by the caller. Raises OutputStateError when OUTPUT
-    holds another run's work (without ``overwrite``) or is being written.
+    Starts Ray (``opts.ray_address``) unless it is initialised already, and only
+    once there is work to do. Raises OutputStateError when OUTPUT holds another
+    run's work (without ``overwrite``) or another run is writing it.
     """
     opts = opts or SegmentOptions()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if opts.batch_size < 1 or opts.rows_per_part < 1:
-        raise ValueError("--batch-size must be at least 1")
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.rows_per_part < 1:
+        raise ValueError(f"--rows-per-part must be at least 1, got {opts.rows_per_part}")
     out = OutputDir(output_uri, opts.output_options)
     model, model_bytes = load_model(source, opts.model_options)
     from maskrcnn.checkpoint import model_id
@@ -242,7 +251,7 @@ def _run(out, spec, plan, sources, model, model_bytes, lease, opts, log) -> dict
     started = time.monotonic()
     processed = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
     if pending:
-        for record in _dataset(spec, pending, sources, model, model_bytes, opts).iter_rows():
+        for record in _dataset(spec, pending, sources, model, model_bytes, opts, log).iter_rows():
             lease.check()  # never write a part after another run took OUTPUT over
             out.write_part(record["name"], record["data"])
             processed["parts"] += 1
@@ -266,14 +275,14 @@ def _counts_text(counts: dict[str, int]) -> str:
     )
 
 
-def _dataset(spec, pending, sources, model, model_bytes, opts):
+def _dataset(spec, pending, sources, model, model_bytes, opts, log):
     """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
     import pyarrow as pa
     import ray
 
     from pipeline.stages import Segmenter, encode_rows, read_and_decode
 
-    gpus, cpus, (min_actors, max_actors) = _resources(opts)
+    gpus, cpus, (min_actors, max_actors) = _resources(opts, log)
     cpus_total = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Enough input blocks for every CPU to decode, small enough to stream.
     per_block = max(1, min(256, math.ceil(len(pending) / (4 * cpus_total))))
