@@ -5,8 +5,8 @@ M x M mask is padded by one pixel, its box grown by (M + 2) / M about the
 centre and snapped to whole pixels, and the padded mask is resized
 bilinearly (half-pixel centres) to that box. Here it is done for all masks
 of a batch at once: resizing is separable, so every mask is first resized
-along x onto the image's columns, then along y onto its rows, by gathering
-the two neighbours with their weights (zero outside the box).
+along x, then along y, by gathering the two neighbours with their weights
+(zero outside the box), inside a window around the box only.
 """
 
 from __future__ import annotations
@@ -36,16 +36,15 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) ->
     return (crops[:, 0] >= 0.5).float()
 
 
-def _interp_indices(lo: Tensor, hi: Tensor, length: int, m: int):
+def _interp_indices(lo: Tensor, hi: Tensor, pix: Tensor, m: int):
     """Bilinear source indices and weights of an m-long signal resized onto [lo, hi].
 
-    lo, hi: int64 [N] inclusive pixel range of each box on a length-long axis
-    (may leave the image). Returns i0, i1 (int64 [N, length]) and w0, w1
-    (float32 [N, length]); weights are zero outside the box. Matches
+    lo, hi: int64 [N] inclusive pixel range of each box (may leave the image);
+    pix: int64 [N, L] the pixel positions wanted. Returns i0, i1 (int64 [N, L])
+    and w0, w1 (float32 [N, L]); weights are zero outside the box. Matches
     F.interpolate(mode="bilinear", align_corners=False) to (hi - lo + 1).
     """
     out_len = (hi - lo + 1).clamp(min=1)
-    pix = torch.arange(length, device=lo.device)[None, :]
     i = pix - lo[:, None]  # index inside the resized mask
     inside = (i >= 0) & (i < out_len[:, None])
     # Source positions in double, weights rounded to float: PyTorch's CPU
@@ -59,6 +58,13 @@ def _interp_indices(lo: Tensor, hi: Tensor, length: int, m: int):
     return i0, i1, w0 * inside, w1 * inside
 
 
+def _windows(lo: Tensor, hi: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Start (int64 [N]) and extent of each box's visible part on an axis of ``length``."""
+    start = lo.clamp(0, length)
+    extent = ((hi + 1).clamp(0, length) - start).clamp(min=0)
+    return start, extent
+
+
 def paste_masks(
     mask_probs: Tensor, boxes: Tensor, height: int, width: int, threshold: float | None = 0.5
 ) -> Tensor:
@@ -66,8 +72,11 @@ def paste_masks(
 
     mask_probs: float [N, M, M] in 0..1; boxes: float [N, 4] (x1, y1, x2, y2)
     in the image's pixels. Returns bool [N, height, width] (prob > threshold),
-    or the float32 probabilities when threshold is None. Work is chunked to
-    bound memory.
+    or the float32 probabilities when threshold is None.
+
+    Work is done only inside each box's window: masks are grouped by window
+    size into chunks of bounded memory, resized into a window that fits the
+    image, and written back with one indexed store per chunk.
     """
     n = mask_probs.shape[0]
     dtype = torch.float32 if threshold is None else torch.bool
@@ -85,21 +94,57 @@ def paste_masks(
     # Width/height as torchvision computes them: int(x2 - x1 + 1), at least 1.
     x1 = x0 + (x1 - x0 + 1).clamp(min=1) - 1
     y1 = y0 + (y1 - y0 + 1).clamp(min=1) - 1
-    # Width first on the small masks, then height on the image: the order (and
-    # rounding) of PyTorch's bilinear kernel, so pixels at 0.5 land the same way.
-    xi0, xi1, xw0, xw1 = _interp_indices(x0, x1, width, m + 2)
-    yi0, yi1, yw0, yw1 = _interp_indices(y0, y1, height, m + 2)
-    rows = m + 2
-    cols = (
-        padded.gather(2, xi0[:, None, :].expand(-1, rows, -1)) * xw0[:, None, :]
-        + padded.gather(2, xi1[:, None, :].expand(-1, rows, -1)) * xw1[:, None, :]
-    )  # [N, M+2, W]
-    chunk = max(1, PASTE_CHUNK_ELEMENTS // (height * width))
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        c = cols[s:e]
-        top = c.gather(1, yi0[s:e, :, None].expand(-1, -1, width)) * yw0[s:e, :, None]
-        bottom = c.gather(1, yi1[s:e, :, None].expand(-1, -1, width)) * yw1[s:e, :, None]
-        probs = top.add_(bottom)
-        out[s:e] = probs if threshold is None else probs > threshold
+    sx, ex = _windows(x0, x1, width)
+    sy, ey = _windows(y0, y1, height)
+    order = torch.argsort(ey * ex)
+    start = 0
+    while start < n:
+        # Grow the chunk while its padded window stays within the memory bound.
+        end = start + 1
+        hmax, wmax = int(ey[order[start]]), int(ex[order[start]])
+        while end < n:
+            h2, w2 = max(hmax, int(ey[order[end]])), max(wmax, int(ex[order[end]]))
+            if (end - start + 1) * max(h2, 1) * max(w2, 1) > PASTE_CHUNK_ELEMENTS:
+                break
+            hmax, wmax, end = h2, w2, end + 1
+        idx = order[start:end]
+        start = end
+        if hmax == 0 or wmax == 0:
+            continue
+        # A window of the chunk's size that holds each box's visible part and fits the image.
+        wy = torch.minimum(sy[idx], torch.tensor(height - hmax))
+        wx = torch.minimum(sx[idx], torch.tensor(width - wmax))
+        rows = wy[:, None] + torch.arange(hmax, device=wy.device)[None, :]
+        cols = wx[:, None] + torch.arange(wmax, device=wx.device)[None, :]
+        local = _resize_window(padded[idx], y0[idx], y1[idx], x0[idx], x1[idx], rows, cols, m + 2)
+        if threshold is not None:
+            local = local > threshold
+        out[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = local
     return out
+
+
+def _resize_window(
+    padded: Tensor,
+    y0: Tensor,
+    y1: Tensor,
+    x0: Tensor,
+    x1: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    m: int,
+) -> Tensor:
+    """Bilinear resize of padded [n, m, m] masks onto their boxes, read at rows x cols.
+
+    Width first, then height: the order (and rounding) of PyTorch's bilinear
+    kernel, so that pixels at exactly 0.5 land the same way.
+    """
+    xi0, xi1, xw0, xw1 = _interp_indices(x0, x1, cols, m)
+    yi0, yi1, yw0, yw1 = _interp_indices(y0, y1, rows, m)
+    w = cols.shape[1]
+    across = (
+        padded.gather(2, xi0[:, None, :].expand(-1, m, -1)) * xw0[:, None, :]
+        + padded.gather(2, xi1[:, None, :].expand(-1, m, -1)) * xw1[:, None, :]
+    )  # [n, m, w]
+    top = across.gather(1, yi0[:, :, None].expand(-1, -1, w)) * yw0[:, :, None]
+    bottom = across.gather(1, yi1[:, :, None].expand(-1, -1, w)) * yw1[:, :, None]
+    return top.add_(bottom)
