@@ -128,8 +128,15 @@ class Lease:
             except Exception:  # flaky storage: try again at the next beat
                 continue
 
-    def check(self) -> None:
-        """Raise if another run took the lease: this run must not commit anything more."""
+    def check(self, read: bool = False) -> None:
+        """Raise if another run took the lease: this run must not commit anything more.
+
+        ``read``: look at the lock now rather than trust the last heartbeat.
+        """
+        if read and not self.lost:
+            lock = self.out.read_json(LOCK_NAME)
+            if lock is not None and lock.get("attempt") != self.attempt:
+                self.lost = f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
         if self.lost:
             raise RuntimeError(
                 f"OUTPUT {self.out.show()}: lost the lease ({self.lost}); stopping without "
@@ -137,9 +144,13 @@ class Lease:
             )
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock if it is still this run's."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=HEARTBEAT_SECONDS + 5)
-        lock = self.out.read_json(LOCK_NAME)
-        if lock is not None and lock.get("attempt") == self.attempt:
-            self.out.remove(LOCK_NAME)
+        try:
+            lock = self.out.read_json(LOCK_NAME)
+            if lock is not None and lock.get("attempt") == self.attempt:
+                self.out.remove(LOCK_NAME)
+        except OSError:
+            pass  # storage down: the lease expires by itself after LEASE_SECONDS

@@ -258,7 +258,7 @@ def _run(out, spec, plan, sources, model, model_bytes, lease, opts, log) -> dict
             for key in ("rows", "ok", "error", "instances"):
                 processed[key] += int(record[key])
     elapsed = time.monotonic() - started
-    lease.check()
+    lease.check(read=True)
     versions = _versions()
     manifest = finalize(out, spec, plan, {"versions": versions, **opts.extra_manifest})
     rate = processed["rows"] / elapsed if elapsed > 0 and processed["rows"] else 0.0
