@@ -32,7 +32,10 @@ def list_inputs(input_uri: str, options: dict[str, Any] | None = None) -> list[s
     names no image; both messages name INPUT (redacted).
     """
     fs, path = get_fs(input_uri, options)
-    lowered = path.lower()
+    # A signed URL's name ends before its query string.
+    lowered = (
+        path.split("?", 1)[0] if protocol_of(input_uri) in ("http", "https") else path
+    ).lower()
     if lowered.endswith(".txt") or lowered.endswith(".parquet"):
         if not fs.isfile(path):
             raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such file")

@@ -70,7 +70,7 @@ def normalized_input(input_uri: str, options: dict[str, Any] | None) -> str:
     from pipeline.storage import full_uri
 
     fs, path = get_fs(input_uri, options)
-    return redact(full_uri(fs, path))
+    return redact(full_uri(fs, path.rstrip("/") or "/"))
 
 
 def _versions() -> dict[str, str]:
