@@ -204,7 +204,9 @@ def _detections_table(batch, status, error, width, height, ok, outputs) -> pa.Ta
     if done:
         sizes = [int(out["scores"].shape[0]) for _, out in done]
         for key in fields:
-            host = torch.cat([out[key] for _, out in done]).cpu()  # one copy per field
+            # Fixed dtypes whatever autocast left (fast mode): encode_rows reads raw bytes.
+            dtype = torch.int64 if key == "labels" else torch.float32
+            host = torch.cat([out[key] for _, out in done]).to(dtype).cpu()  # one copy per field
             for (i, _), part in zip(done, torch.split(host, sizes)):
                 fields[key][i] = part.contiguous().numpy().tobytes()
         for (i, _), size in zip(done, sizes):
