@@ -1,0 +1,346 @@
+"""`maskrcnn train`: DDP training on a real local Ray cluster, checkpoints local and on S3.
+
+The end-to-end tests run the CLI in a subprocess (its own local Ray instance,
+2 workers on the tiny preset with 64 px shapes) and interrupt it from
+outside: a worker process killed with SIGKILL, the driver killed with
+SIGKILL. Fast unit tests cover the pieces the resumption relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, VENV_BIN
+
+from maskrcnn import MaskRCNN, MaskRCNNConfig
+from maskrcnn.checkpoint import load, model_id
+from pipeline.coco import CocoDataset
+from pipeline.shapes import make_shapes_dataset
+from pipeline.train_data import BatchPlan, hflip, input_size, train_input_size
+from pipeline.train_state import TrainSpec, load_checkpoint, lr_factor, save_checkpoint
+
+CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+SMALL_RUN = [
+    "--preset", "tiny", "--min-size", "64", "--max-size", "64",
+    "--workers", "2", "--batch-size", "2", "--log-every", "1", "--lr", "0.01",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-shapes")
+    make_shapes_dataset(str(root), images=24, size=64, seed=3, val_images=8)
+    return root
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def start_train(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+    """`maskrcnn train ARGS` in its own session (so its Ray processes can be cleaned up)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.Popen(
+        [str(VENV_BIN / "maskrcnn"), "train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """Kill whatever is left of the session the CLI started (its local Ray daemons)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 240.0):
+    """Poll ``condition()`` until it returns something truthy; fail if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"train exited ({proc.returncode}) first:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting; log:\n{log.read_text()[-3000:]}")
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie, dead but not yet reaped, is not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def iteration_lines(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"train: iter +(\d+)/", text)]
+
+
+def registered_checkpoint(read_text) -> int | None:
+    """Iteration of the latest checkpoint Ray Train registered (its snapshot), or None."""
+    text = read_text(SNAPSHOT)
+    if not text:
+        return None
+    latest = json.loads(text).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name", "")
+    return int(name.rsplit("_", 1)[1]) if name.startswith("checkpoint_") else None
+
+
+def assert_resumed(log_text: str, start: int, iterations: int) -> None:
+    """The run resumed at ``start`` and trained exactly start+1 .. iterations afterwards."""
+    marker = f"resumed from the checkpoint of iteration {start}"
+    assert marker in log_text, log_text[-3000:]
+    after = iteration_lines(log_text.split(marker, 1)[1])
+    assert after == list(range(start + 1, iterations + 1))
+
+
+# --- end to end ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
+    shapes, s3_server, s3_bucket, tmp_path
+):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    run = f"{s3_bucket}/runs/killed"
+
+    def read_text(name: str) -> str | None:
+        try:
+            return fs.cat_file(f"{run}/{name}").decode()
+        except FileNotFoundError:
+            return None
+
+    log = tmp_path / "train.log"
+    args = [
+        "--data", str(shapes / "train"), *SMALL_RUN, "--iters", "16",
+        "--checkpoint-every", "4", "--keep-checkpoints", "2", "--max-failures", "2",
+        "--storage", f"s3://{s3_bucket}/runs", "--name", "killed",
+    ]  # fmt: skip
+    proc = start_train(args, log, tmp_path)
+    try:
+        # A worker of the first attempt, killed once a checkpoint is registered.
+        def first_attempt_worker():
+            status = read_text("workers/rank-1.json")
+            if status and registered_checkpoint(read_text):
+                status = json.loads(status)
+                return status if status["start_iteration"] == 0 else None
+            return None
+
+        victim = wait_for(first_attempt_worker, proc, log)
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        stop_session(proc)
+    text = log.read_text()
+
+    # Both workers were restarted, from the same registered checkpoint.
+    restarted = [json.loads(read_text(f"workers/rank-{r}.json")) for r in (0, 1)]
+    start = restarted[0]["start_iteration"]
+    assert start > 0 and start % 4 == 0
+    assert restarted[1]["start_iteration"] == start
+    assert restarted[1]["pid"] != victim["pid"]
+    assert restarted[0]["shard_images"] + restarted[1]["shard_images"] == 24
+    assert_resumed(text, start, 16)
+    assert "finished at iteration 16" in text
+
+    # The last two checkpoints are kept, each complete; the export is the last one's model.
+    kept = sorted(p.rsplit("/", 1)[1] for p in fs.ls(run) if "/checkpoint_0" in p)
+    assert kept == ["checkpoint_00000012", "checkpoint_00000016"]
+    for name in kept:
+        files = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{run}/{name}"))
+        assert files == ["model.safetensors", "state.json", "train_state.pt"]
+    state = json.loads(read_text("checkpoint_00000016/state.json"))
+    assert state["iteration"] == 16
+    fs.get(f"{run}/model.safetensors", str(tmp_path / "model.safetensors"))
+    model = load(str(tmp_path / "model.safetensors"))
+    assert model.cfg.class_names == CLASS_NAMES and model.cfg.min_size == 64
+    assert model_id(model) == state["model_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes, tmp_path):
+    storage = tmp_path / "runs"
+    run = storage / "stopped"
+
+    def read_text(name: str) -> str | None:
+        path = run / name
+        return path.read_text() if path.exists() else None
+
+    args = [
+        "--data", str(shapes / "train"), "--val-data", str(shapes / "val"), *SMALL_RUN,
+        "--iters", "12", "--checkpoint-every", "4", "--keep-checkpoints", "2",
+        "--storage", str(storage), "--name", "stopped",
+    ]  # fmt: skip
+    first_log = tmp_path / "first.log"
+    proc = start_train(args, first_log, tmp_path)
+    try:
+        wait_for(lambda: registered_checkpoint(read_text), proc, first_log)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver: its local cluster goes with it
+        proc.wait(timeout=60)
+        # The workers outlive the driver by a moment (and may still register a checkpoint).
+        workers = [json.loads(read_text(f"workers/rank-{r}.json"))["pid"] for r in (0, 1)]
+        deadline = time.monotonic() + 60
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(alive, workers))
+    finally:
+        stop_session(proc)
+    stopped_at = registered_checkpoint(read_text)
+    assert stopped_at in (4, 8)
+    assert not (run / "model.safetensors").exists()
+
+    again_log = tmp_path / "again.log"
+    proc = start_train(args, again_log, tmp_path)
+    try:
+        assert proc.wait(timeout=300) == 0, again_log.read_text()[-3000:]
+    finally:
+        stop_session(proc)
+    text = again_log.read_text()
+    assert_resumed(text, stopped_at, 12)
+    assert "finished at iteration 12" in text
+
+    kept = sorted(p.name for p in run.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000008", "checkpoint_00000012"]
+    state = json.loads((run / "checkpoint_00000012" / "state.json").read_text())
+    # The final evaluation on --val-data is reported with the last checkpoint.
+    assert 0.0 <= state["metrics"]["segm_AP"] <= 1.0
+    assert state["metrics"]["eval_images"] == 8
+    model = load(str(run / "model.safetensors"))
+    assert model_id(model) == state["model_id"]
+    image, _ = CocoDataset(str(shapes / "val"), train=False)[0]
+    out = model.predict([image])[0]
+    assert out["masks"].shape[1:] == image.shape[1:]
+
+
+@pytest.mark.timeout(120)
+def test_data_that_does_not_exist_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run(
+        [str(VENV_BIN / "maskrcnn"), "train", "--data", str(missing), "--preset", "tiny"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"maskrcnn train: error: --data {missing}")
+    assert "not found" in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+
+def test_batch_plan_resumes_exactly_and_covers_each_epoch():
+    full = list(BatchPlan(n=10, batch_size=3, seed=7, rank=1, start=0, stop=20))
+    resumed = list(BatchPlan(n=10, batch_size=3, seed=7, rank=1, start=9, stop=20))
+    assert resumed == full[9:]
+    stream = [draw for batch in full for draw in batch]
+    for epoch in range(5):  # 60 draws: 6 epochs of 10
+        assert sorted(i for i, _ in stream[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    flips = [f for _, f in stream]
+    assert 0 < sum(flips) < len(flips)
+    other_rank = [d for b in BatchPlan(10, 3, 7, 0, 0, 20) for d in b]
+    assert other_rank != stream
+    assert not any(f for b in BatchPlan(10, 3, 7, 1, 0, 5, flip=False) for _, f in b)
+
+
+def test_hflip_mirrors_image_masks_and_boxes_together(shapes):
+    data = CocoDataset(str(shapes / "train"))
+    image, target = data[0]
+    flipped_image, flipped = hflip(image, target)
+    assert torch.equal(flipped_image, image.flip(-1))
+    for box, mask in zip(flipped["boxes"], flipped["masks"]):
+        ys, xs = np.nonzero(mask.numpy())
+        # Boxes are the mask's pixel extent before and after the flip.
+        assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    back_image, back = hflip(flipped_image, flipped)
+    assert torch.equal(back_image, image) and torch.equal(back["boxes"], target["boxes"])
+    assert torch.equal(back["masks"], target["masks"])
+
+
+def test_lr_schedule_warms_up_linearly_then_steps_down():
+    spec = TrainSpec(
+        data="d", model_config={}, iterations=100, batch_size=1, lr=0.1, storage="s",
+        warmup_iters=10, warmup_factor=0.001, lr_steps=(60, 90), lr_gamma=0.1,
+    )  # fmt: skip
+    f = lr_factor(spec)
+    assert f(0) == pytest.approx(0.001)
+    assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [f(10), f(59), f(60), f(89), f(90), f(99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_scale_jitter_stays_in_range_and_the_model_config_is_restored():
+    sizes = {train_input_size(128, 224, 0.25, 0, 0, it) for it in range(200)}
+    assert all(96 <= s <= 160 and m == max(s, round(224 * s / 128)) for s, m in sizes)
+    assert len(sizes) > 20
+    assert train_input_size(128, 224, 0.25, 0, 0, 5) == train_input_size(128, 224, 0.25, 0, 0, 5)
+    assert train_input_size(128, 224, 0.0, 0, 0, 5) == (128, 224)
+
+    model = MaskRCNN(MaskRCNNConfig.preset("tiny", class_names=CLASS_NAMES))
+    original = model.cfg
+    with input_size(model, 100, 175):
+        assert (model.cfg.min_size, model.cfg.max_size) == (100, 175)
+    assert model.cfg is original
+
+
+def test_checkpoint_restores_weights_optimizer_and_schedule(tmp_path):
+    torch.manual_seed(0)
+    cfg = MaskRCNNConfig.preset("tiny", class_names=CLASS_NAMES, min_size=64, max_size=64)
+
+    def build():
+        model = MaskRCNN(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        spec = TrainSpec(data="d", model_config={}, iterations=10, batch_size=1, lr=0.01,
+                         storage="s", warmup_iters=4)  # fmt: skip
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec))
+        return model, opt, sched, torch.amp.GradScaler("cpu", enabled=False)
+
+    model, opt, sched, scaler = build()
+    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    masks = torch.zeros((1, 64, 64), dtype=torch.uint8)
+    masks[0, 10:30, 12:40] = 1
+    target = {"boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([2]),
+              "masks": masks}  # fmt: skip
+    for _ in range(2):
+        loss = sum(model([image], [target]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    save_checkpoint(str(tmp_path), model, opt, sched, scaler, 2, {"loss": loss.detach().item()})
+
+    restored, opt2, sched2, scaler2 = build()
+    assert load_checkpoint(str(tmp_path), restored, opt2, sched2, scaler2) == 2
+    assert model_id(restored) == model_id(model)
+    assert sched2.last_epoch == 2 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first2 = next(p for p in restored.parameters() if p.requires_grad)
+    assert torch.equal(opt.state[first]["momentum_buffer"], opt2.state[first2]["momentum_buffer"])
+    assert model_id(load(str(tmp_path / "model.safetensors"))) == model_id(model)
