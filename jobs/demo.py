@@ -1,0 +1,265 @@
+"""`maskrcnn demo [--workdir DIR]`: the whole loop on one machine, on an embedded Ray.
+
+    shapes dataset -> train (tiny preset, Ray Train, 2 workers) -> evaluate (COCO AP)
+      -> segment fresh images (Ray Data) -> SQL queries -> PNG overlays -> where it all is
+
+Each step runs the real command in-process (the same code as `maskrcnn <step>`)
+and prints the command line, so what the demo does can be repeated by hand. A
+second run reuses what the first made when that is still correct: a dataset
+whose settings did not change, a trained model of the same settings (an
+interrupted training run continues from its last checkpoint), a finished
+segment output of the same model and images, their evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HELP = "run the whole loop locally: shapes data, train, evaluate, segment, query, render"
+
+QUERIES = [
+    (
+        "images by status",
+        "SELECT status, count(*) AS images FROM images GROUP BY 1 ORDER BY 1",
+    ),
+    (
+        "objects per class",
+        "SELECT label_name, count(*) AS objects, round(avg(score), 3) AS mean_score, "
+        "round(avg(area), 1) AS mean_area_px FROM instances WHERE score >= 0.5 "
+        "GROUP BY 1 ORDER BY objects DESC",
+    ),
+    (
+        "the most crowded images",
+        "SELECT uri, count(*) AS objects FROM instances WHERE score >= 0.5 "
+        "GROUP BY uri ORDER BY objects DESC, uri LIMIT 5",
+    ),
+]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workdir", default="demo", metavar="DIR", help="where everything goes (default ./demo)"
+    )
+    p.add_argument(
+        "--train-images", type=_positive_int, default=300, help="training images (default 300)"
+    )
+    p.add_argument(
+        "--val-images", type=_positive_int, default=50, help="images evaluated (default 50)"
+    )
+    p.add_argument(
+        "--train-iters", type=_positive_int, default=500, help="training iterations (default 500)"
+    )
+    p.add_argument(
+        "--images", type=_positive_int, default=100, help="fresh images to segment (default 100)"
+    )
+    p.add_argument(
+        "--size", type=_positive_int, default=128, help="image side in pixels (default 128)"
+    )
+
+
+class _Steps:
+    """Numbered, timed step headers, so progress is visible in a plain log."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.start = total, 0, time.monotonic()
+
+    def __call__(self, title: str) -> None:
+        self.n += 1
+        elapsed = time.monotonic() - self.start
+        print(f"\n=== [{self.n}/{self.total}] {title}  (demo time {elapsed:.0f}s)", flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _command(argv: list[str]) -> int:
+    """Run `maskrcnn ARGV` in this process, printing the command line first."""
+    from jobs.cli import main
+
+    print("$ maskrcnn " + shlex.join(argv), flush=True)
+    code = main(argv)
+    sys.stdout.flush()
+    return code
+
+
+def _settings_path(folder: Path) -> Path:
+    return folder / "demo-settings.json"
+
+
+def _dataset(folder: Path, settings: dict, splits: list[str]) -> bool:
+    """Make the shapes dataset in ``folder`` unless it holds one of these settings;
+    returns True when it was (re)made."""
+    stamp = _settings_path(folder)
+    have = all((folder / s / "annotations.json").is_file() for s in splits)
+    if have and stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        print(f"reusing {folder} (same settings: {settings})")
+        return False
+    stamp.unlink(missing_ok=True)  # a half-made dataset never looks finished
+    argv = ["shapes", str(folder), "--images", str(settings["images"])]
+    argv += ["--size", str(settings["size"]), "--seed", str(settings["seed"])]
+    if settings.get("val_images"):
+        argv += ["--val-images", str(settings["val_images"])]
+    if _command(argv) != 0:
+        raise RuntimeError("making the shapes dataset failed (see above)")
+    stamp.write_text(json.dumps(settings))
+    return True
+
+
+def _train_argv(data: Path, runs: Path, name: str, iters: int) -> list[str]:
+    # lr 0.02 for a global batch of 4: shapes are easy and the run is short.
+    return [
+        "train", "--data", str(data / "train"), "--preset", "tiny",
+        "--workers", "2", "--batch-size", "2", "--iters", str(iters), "--lr", "0.02",
+        "--storage", str(runs), "--name", name,
+        "--checkpoint-every", str(max(25, iters // 4)), "--keep-checkpoints", "1",
+        "--log-every", str(max(1, iters // 20)),
+    ]  # fmt: skip
+
+
+def _model_id(path: Path) -> str:
+    from maskrcnn.checkpoint import load, model_id
+
+    return model_id(load(str(path)))
+
+
+def _segment_must_overwrite(out: Path, model: str, fresh_remade: bool) -> bool:
+    """Whether OUTPUT holds a run of another model or of images that were remade."""
+    if not out.exists():
+        return False
+    if fresh_remade:
+        return True
+    for name in ("_manifest.json", "_run/run.json"):
+        path = out / name
+        if path.is_file():
+            return json.loads(path.read_text()).get("model") != model
+    return False
+
+
+def _metrics_current(metrics: Path, model_path: Path) -> dict | None:
+    """The saved evaluation of this very model file, if there is one."""
+    if not metrics.is_file() or metrics.stat().st_mtime < model_path.stat().st_mtime:
+        return None
+    report = json.loads(metrics.read_text())
+    return report if report.get("model_uri") == str(model_path) else None
+
+
+def _init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # address="local": always an embedded instance, even with RAY_ADDRESS set. Logical
+    # CPUs for 2 train workers + the Train controller even on a 2-core machine.
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        configure_logging=False,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    steps = _Steps(7)
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data, fresh, runs = work / "shapes", work / "fresh", work / "runs"
+    out, overlays, metrics = work / "segments", work / "overlays", work / "metrics.json"
+    print(f"maskrcnn demo: everything goes to {work}")
+
+    steps("shapes dataset for training and evaluation")
+    data_settings = {
+        "images": args.train_images, "val_images": args.val_images,
+        "size": args.size, "seed": 0,
+    }  # fmt: skip
+    _dataset(data, data_settings, ["train", "val"])
+
+    steps("train the tiny preset with Ray Train (2 workers, DDP on CPU)")
+    train_settings = {"data": data_settings, "iters": args.train_iters, "v": 1}
+    digest = hashlib.sha256(json.dumps(train_settings, sort_keys=True).encode()).hexdigest()
+    name = f"tiny-shapes-{digest[:8]}"
+    model_path = runs / name / "model.safetensors"
+    if model_path.is_file():
+        print(f"reusing {model_path} (trained with the same settings)")
+    else:
+        _init_ray()
+        if _command(_train_argv(data, runs, name, args.train_iters)) != 0:
+            return 1
+    model = _model_id(model_path)
+
+    steps("evaluate: COCO bbox and mask AP on the validation images")
+    report = _metrics_current(metrics, model_path)
+    if report is not None:
+        print(f"reusing {metrics} (evaluation of this model)")
+    else:
+        argv = ["evaluate", "--model", str(model_path), "--annotations"]
+        argv += [str(data / "val" / "annotations.json"), "--output", str(metrics)]
+        if _command(argv) != 0:
+            return 1
+        report = json.loads(metrics.read_text())
+    ap = {kind: m["AP"] for kind, m in report["metrics"].items()}
+
+    steps("segment fresh images with Ray Data into Parquet")
+    fresh_settings = {"images": args.images, "size": args.size, "seed": 1}
+    fresh_remade = _dataset(fresh, fresh_settings, ["train"])
+    argv = ["segment", str(fresh / "train" / "images"), str(out), "--model", str(model_path)]
+    argv += ["--batch-size", "4", "--rows-per-part", "50"]
+    if _segment_must_overwrite(out, model, fresh_remade):
+        print(f"{out} holds results of another model or other images: replacing them")
+        argv.append("--overwrite")
+    if not (out / "_manifest.json").is_file() or "--overwrite" in argv:
+        _init_ray()  # work to do: on the embedded instance (segment would use RAY_ADDRESS)
+    if _command(argv) != 0:
+        return 1
+
+    steps("query the results with SQL (DuckDB, read-only)")
+    for title, sql in QUERIES:
+        print(f"-- {title}")
+        if _command(["query", str(out), sql, "--max-rows", "10"]) != 0:
+            return 1
+
+    steps("render overlays")
+    if _command(["render", str(out), str(overlays), "--limit", "6", "--min-score", "0.5"]) != 0:
+        return 1
+
+    steps("done")
+    _summary(work, data, fresh, model_path, metrics, out, overlays, ap, steps.elapsed())
+    return 0
+
+
+def _summary(work, data, fresh, model_path, metrics, out, overlays, ap, seconds) -> None:
+    aps = ", ".join(f"{kind} AP {value:.3f}" for kind, value in ap.items())
+    print(
+        f"""maskrcnn demo finished in {seconds:.0f}s; {aps}
+
+  training data    {data}/train (+ val), COCO format
+  model            {model_path}
+  evaluation       {metrics}
+  segmented images {fresh}/train/images
+  Parquet output   {out}  (manifest: {out}/_manifest.json)
+  overlays         {overlays}
+
+Look further:
+  maskrcnn query {out} "SELECT * FROM instances ORDER BY score DESC LIMIT 10"
+  maskrcnn query {out} "SELECT label_name, count(*) FROM instances GROUP BY 1" --format csv
+  maskrcnn render {out} {work}/overlays-triangles --where "len(list_filter(instances, lambda x: x.label_name = 'triangle' AND x.score >= 0.5)) > 0"
+  maskrcnn evaluate --model {model_path} --annotations {data}/val/annotations.json
+  maskrcnn export-coco {out} {work}/results.json
+  maskrcnn --help"""
+    )
