@@ -132,8 +132,17 @@ def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
         seconds = time.perf_counter() - start
     parquet_bytes = sum((output / name).stat().st_size for name in summary["files"])
     counts = summary["counts"]
+    this_run = summary["this_run"]
+    after_first = this_run["seconds"] - this_run.get("first_part_s", 0.0)
     return {
         "images_per_s": counts["images"] / seconds,
+        # The Ray Data run once its first part is out: the rate without the startup.
+        "after_first_part_images_per_s": (
+            (counts["images"] - this_run.get("first_part_rows", 0)) / after_first
+            if after_first > 0
+            else None
+        ),
+        "first_part_s": this_run.get("first_part_s"),
         "seconds": seconds,
         "counts": counts,
         "peak_pss_bytes": memory.peak,
@@ -154,7 +163,7 @@ def main() -> int:
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=None, help="default: half the CPUs")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs Ray may use")
-    p.add_argument("--rows-per-part", type=int, default=1000)
+    p.add_argument("--rows-per-part", type=int, default=100)
     p.add_argument("--fast", action="store_true")
     p.add_argument("--model", help="maskrcnn checkpoint (default: the tiny preset, seed 0)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
@@ -250,6 +259,10 @@ def main() -> int:
     print(f"{'':34s}{'value':>12s}  target")
     print(f"{'pipeline images/s (median)':34s}{pipe_rate:12.2f}")
     print(f"{'model alone images/s (median)':34s}{alone_rate:12.2f}")
+    steady = statistics.median(q["after_first_part_images_per_s"] or 0.0 for q in pipe)
+    first = statistics.median(q["first_part_s"] or 0.0 for q in pipe)
+    print(f"{'  after its first part (median)':34s}{steady:12.2f}")
+    print(f"{'  seconds to its first part':34s}{first:12.1f}")
     print(
         f"{'pipeline / model (median)':34s}{result['ratio_pipeline_to_model_median']:12.3f}  >= 0.9"
     )

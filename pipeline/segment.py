@@ -255,9 +255,13 @@ def _run(out, spec, plan, sources, model, model_bytes, lease, opts, log) -> dict
             lease.check()  # never write a part after another run took OUTPUT over
             out.write_part(record["name"], record["data"])
             processed["parts"] += 1
+            if processed["parts"] == 1:  # startup (actors, first batches) shows here
+                processed["first_part_s"] = time.monotonic() - started
+                processed["first_part_rows"] = int(record["rows"])
             for key in ("rows", "ok", "error", "instances"):
                 processed[key] += int(record[key])
     elapsed = time.monotonic() - started
+    processed["seconds"] = elapsed
     lease.check(read=True)
     versions = _versions()
     manifest = finalize(out, spec, plan, {"versions": versions, **opts.extra_manifest})
