@@ -37,8 +37,9 @@ QUERIES = [
     ),
     (
         "the most crowded images",
-        "SELECT uri, count(*) AS objects FROM instances WHERE score >= 0.5 "
-        "GROUP BY uri ORDER BY objects DESC, uri LIMIT 5",
+        "SELECT regexp_extract(uri, '[^/]*$') AS image, count(*) AS objects, "
+        "string_agg(label_name, ', ' ORDER BY score DESC) AS classes FROM instances "
+        "WHERE score >= 0.5 GROUP BY uri ORDER BY objects DESC, uri LIMIT 5",
     ),
 ]
 

@@ -166,7 +166,7 @@ class ClusterError(RuntimeError):
 
 
 class LocalRayCluster:
-    """A head node and ``len(worker_cpus)`` worker nodes on 127.0.0.1 (see module doc)."""
+    """A head node and ``len(worker_cpus)`` worker nodes on this machine (see module doc)."""
 
     def __init__(
         self,
