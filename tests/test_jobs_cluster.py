@@ -116,7 +116,11 @@ def test_token_auth_is_enforced(cluster):
     anonymous = urllib.request.Request(cluster.dashboard_url + "/api/jobs/")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(anonymous, timeout=10)
-    assert refused.value.code in (401, 403)
+    assert refused.value.code == 401  # no token
+    wrong = urllib.request.Request(anonymous.full_url, headers={"Authorization": "Bearer x"})
+    with pytest.raises(urllib.error.HTTPError) as forbidden:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert forbidden.value.code == 403  # another token
     assert isinstance(cluster.http("/api/jobs/"), list)  # with the token: answered
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"}
     env["RAY_AUTH_TOKEN"] = "0" * 64  # a client with the wrong token is refused too
