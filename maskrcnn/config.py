@@ -100,7 +100,9 @@ class MaskRCNNConfig:
     mask_threshold: float = 0.5
     """Pasted mask probability above which a pixel is in the object (paper: 0.5)."""
     fast: bool = False
-    """Default of predict(fast=...): bf16 autocast + channels_last convolutions."""
+    """Default of predict(fast=...): bf16 autocast (convolutions, fc layers) on CPU and GPU."""
+    channels_last: bool = True
+    """Convolutions in channels-last layout (oneDNN and tensor cores run it faster)."""
 
     # --- input ---------------------------------------------------------------
     min_size: int = 800

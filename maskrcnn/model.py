@@ -39,7 +39,7 @@ class MaskRCNN(nn.Module):
         return list(images)
 
     def _features(self, batch: Tensor, fast: bool):
-        if fast:
+        if self.cfg.channels_last or fast:
             if not self._channels_last:
                 self.backbone.to(memory_format=torch.channels_last)
                 self.roi_heads.mask_head.to(memory_format=torch.channels_last)
@@ -124,7 +124,12 @@ class MaskRCNN(nn.Module):
                 feats = self._features(batch, fast)
                 proposals, _ = self.rpn(feats, batch.shape[-2:], sizes)
                 dets = self.roi_heads.detect(
-                    feats, proposals, sizes, score_threshold, max_detections, channels_last=fast
+                    feats,
+                    proposals,
+                    sizes,
+                    score_threshold,
+                    max_detections,
+                    channels_last=self.cfg.channels_last or fast,
                 )
         finally:
             self.train(was_training)

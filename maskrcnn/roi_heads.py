@@ -39,8 +39,11 @@ class BoxHead(nn.Module):
             self.fc7 = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.fc6(self.convs(x).flatten(1)))
-        return F.relu(self.fc7(x)) if self.fc7 is not None else x
+        x = self.convs(x).flatten(1)
+        # The fc layers decide scores and boxes: fp32 even under bf16 autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.relu(self.fc6(x.float()))
+            return F.relu(self.fc7(x)) if self.fc7 is not None else x
 
 
 class BoxPredictor(nn.Module):
@@ -52,7 +55,9 @@ class BoxPredictor(nn.Module):
         self.bbox_pred = nn.Linear(dim, num_classes * 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cls_score(x), self.bbox_pred(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return self.cls_score(x), self.bbox_pred(x)
 
 
 class MaskHead(nn.Module):
