@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(
+            f"--limit must be at least 1 (or left out for every image), got {args.limit}"
+        )
+    if args.max_detections < 1:
+        raise UsageError(f"--max-detections must be at least 1, got {args.max_detections}")
     annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
     report: dict = {"annotations": redact(args.annotations)}
     if args.predictions:
