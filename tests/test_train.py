@@ -121,6 +121,7 @@ def assert_resumed(log_text: str, start: int, iterations: int) -> None:
 def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
     shapes, s3_server, s3_bucket, tmp_path
 ):
+    """Also the --amp path: bf16 autocast, channels_last weights under DDP, in checkpoints."""
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
@@ -136,7 +137,7 @@ def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
     args = [
         "--data", str(shapes / "train"), *SMALL_RUN, "--iters", "16",
         "--checkpoint-every", "4", "--keep-checkpoints", "2", "--max-failures", "2",
-        "--storage", f"s3://{s3_bucket}/runs", "--name", "killed",
+        "--amp", "--storage", f"s3://{s3_bucket}/runs", "--name", "killed",
     ]  # fmt: skip
     proc = start_train(args, log, tmp_path)
     try:
