@@ -15,7 +15,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from pipeline.storage import full_uri, get_fs, protocol_of, redact
+from pipeline.storage import full_uri, get_fs, looks_secret, protocol_of, redact
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -28,9 +28,28 @@ def is_image_name(path: str) -> bool:
 def list_inputs(input_uri: str, options: dict[str, Any] | None = None) -> list[str]:
     """Full URIs of the images INPUT names, sorted and unique.
 
-    Raises FileNotFoundError when INPUT does not exist and ValueError when it
-    names no image; both messages name INPUT (redacted).
+    Raises FileNotFoundError when INPUT does not exist, ValueError when it
+    names no image, PermissionError/OSError when storage refuses; every message
+    names INPUT (redacted).
     """
+    try:
+        return _list_inputs(input_uri, options)
+    except (FileNotFoundError, ValueError):
+        raise  # these name INPUT already
+    except OSError as exc:  # storage's own message is often one word ("Forbidden")
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if looks_secret(reason):
+            reason = type(exc).__name__
+        if isinstance(exc, PermissionError):
+            raise PermissionError(
+                f"INPUT {redact(input_uri)}: access denied ({reason}); check the credentials "
+                "(AWS_* variables or --anon) and that they may list and read it"
+            ) from exc
+        raise OSError(f"INPUT {redact(input_uri)}: cannot list it ({reason})") from exc
+
+
+def _list_inputs(input_uri: str, options: dict[str, Any] | None) -> list[str]:
     fs, path = get_fs(input_uri, options)
     # A signed URL's name ends before its query string.
     lowered = (
