@@ -1,0 +1,81 @@
+"""Two `maskrcnn segment` runs into the same OUTPUT at the same time (issue 7, item 3).
+
+The rule (pipeline/lease.py): one writer per OUTPUT. A run that finds another run's
+live lease is refused with a message naming it; two runs that take the lease in the
+same instant find out when they read it back (or at the next heartbeat) and the loser
+stops before writing another part. A run that starts after the other finished finds
+the OUTPUT complete and leaves it. Whatever the interleaving: at least one run
+finishes, and the output holds each input exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pyarrow.parquet as pq
+from conftest import REPO, VENV_BIN
+from test_segment import make_images, tiny_model, write_local
+
+from pipeline.schema import MANIFEST_NAME, committed_files, read_manifest
+
+REFUSALS = (
+    "is being written by another segment run",
+    "took the lease at the same time",
+    "lost the lease",
+)
+
+
+def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path):
+    from maskrcnn.checkpoint import save
+
+    model = str(tmp_path / "tiny.safetensors")
+    save(tiny_model(0), model)
+    uris = write_local(tmp_path / "in", make_images(12, seed=31, odd=False))
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [str(VENV_BIN / "maskrcnn"), "segment", str(tmp_path / "in"), str(out), "--model",
+            model, "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2",
+            "--rows-per-part", "2"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=400)
+            results.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    print("concurrent segment runs:", [(rc, err.strip()[-160:]) for rc, _, err in results])
+    finished = [r for r in results if r[0] == 0]
+    assert finished, [r[2][-2000:] for r in results]
+    for rc, stdout, stderr in results:
+        if rc != 0:  # refused: one line naming the rule, and exit 2
+            lines = stderr.strip().splitlines()
+            assert rc == 2 and len(lines) == 1, stderr[-2000:]
+            assert any(text in lines[0] for text in REFUSALS), lines[0]
+            assert f"OUTPUT {out}" in lines[0]
+        else:
+            assert "12 images ok, 0 with errors" in stdout + stderr
+    manifest = read_manifest(str(out))
+    rows = [
+        u for f in committed_files(str(out)) for u in pq.read_table(f).column("uri").to_pylist()
+    ]
+    assert len(rows) == len(set(rows)) and sorted(rows) == sorted(uris)
+    assert manifest["counts"]["images"] == 12
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
