@@ -74,8 +74,14 @@ def calibrate(model: nn.Module, images: list[torch.Tensor], seed: int = 0) -> nn
         if name.endswith(".bn3"):
             m.weight.mul_(0.15)
 
+    # Sharpen the classifier first, so the calibration pass has detections and
+    # the mask head's normalisation layers (v2) see real RoIs.
+    model.roi_heads.box_predictor.cls_score.weight.mul_(8)
+
     def set_stats(module, inputs):
         x = inputs[0].float()
+        if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            return
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         module.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-3)
 
@@ -88,7 +94,6 @@ def calibrate(model: nn.Module, images: list[torch.Tensor], seed: int = 0) -> nn
     logits = model.roi_heads.mask_predictor.mask_fcn_logits
     logits.bias.copy_(torch.randn(logits.bias.shape, generator=g))
     logits.weight.mul_(4)
-    model.roi_heads.box_predictor.cls_score.weight.mul_(8)
     return model
 
 
