@@ -2,9 +2,13 @@
 
 torchvision's models are built as torchvision builds the COCO-trained ones
 (v1: FrozenBatchNorm2d body with epsilon 0; v2: maskrcnn_resnet50_fpn_v2's
-layers), given seeded random weights whose normalisation layers have
-non-trivial statistics and whose predictors give dozens of detections per
-image with masks that are not flat, then converted with from_torchvision.
+layers, here with a frozen body, which computes as its BatchNorm2d body does
+in eval mode; torchvision's own v2 builder is converted in
+test_every_torchvision_tensor_lands_in_our_model), given seeded random weights
+whose normalisation layers have non-trivial statistics and whose predictors
+give dozens of detections per image with masks that are not flat, then
+converted with from_torchvision. Both sides run at the same image size,
+proposal count, score threshold and detection cap.
 
 The weights are calibrated to behave like trained ones (bench/reference.py):
 a raw random ResNet-50 is chaotic (0.1% of input noise grows to ~13% at C5),
@@ -24,7 +28,8 @@ import torch
 from conftest import REPO
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
-from torchvision.ops import box_iou
+from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn import MaskRCNN
 from maskrcnn.checkpoint import CheckpointError, from_torchvision
@@ -34,10 +39,33 @@ from bench.reference import build_torchvision, calibrate, smooth_images  # noqa:
 
 MIN_SIZE, MAX_SIZE = 256, 427
 # Proposals kept after the RPN's NMS, on both sides: with the default 1000 the
-# v2 box head (four 3x3 convs per RoI) takes minutes on 2 CPU cores. Every
-# other knob is the models' default.
-POST_NMS_TOP_N = 200
-CASES = [("v1", 91), ("v1", 5), ("v2", 91), ("v2", 5)]
+# v2 box head (four 3x3 convs per RoI) takes minutes on 2 CPU cores.
+POST_NMS_TOP_N = 100
+
+
+@dataclass(frozen=True)
+class Case:
+    """A parity case: which weights, and the knobs that keep it to dozens of detections."""
+
+    variant: str
+    num_classes: int
+    score_thresh: float  # detections kept above this score (default 0.05)
+    max_detections: int  # and at most this many per image (default 100)
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.variant}-{self.num_classes}-score{self.score_thresh}-top{self.max_detections}"
+        )
+
+
+# Two cases end at the detection cap, two at the score threshold.
+CASES = [
+    Case("v1", 91, 0.05, 40),
+    Case("v1", 5, 0.45, 100),
+    Case("v2", 91, 0.05, 40),
+    Case("v2", 5, 0.6, 100),
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,27 +84,31 @@ def parity_images() -> list[Tensor]:
     return smooth_images([(240, 320), (200, 300)], seed=7)
 
 
-def torchvision_model(variant: str, num_classes: int) -> TVMaskRCNN:
-    """bench.reference's torchvision model at the test's image size and proposal count."""
-    tv = build_torchvision(variant, num_classes, seed=0)
+def torchvision_model(case: Case) -> TVMaskRCNN:
+    """bench.reference's torchvision model with the test's image size and knobs."""
+    tv = build_torchvision(case.variant, case.num_classes, seed=0)
     tv.transform.min_size, tv.transform.max_size = (MIN_SIZE,), MAX_SIZE
     tv.rpn._post_nms_top_n = {"training": 2000, "testing": POST_NMS_TOP_N}
+    tv.roi_heads.score_thresh = case.score_thresh
+    tv.roi_heads.detections_per_img = case.max_detections
     return tv
 
 
-def converted(state: dict[str, Tensor], variant: str) -> MaskRCNN:
-    """from_torchvision at the same image size and proposal count."""
-    ours = from_torchvision(state, variant=variant)
+def converted(state: dict[str, Tensor], case: Case) -> MaskRCNN:
+    """from_torchvision with the same image size and knobs."""
+    ours = from_torchvision(state, variant=case.variant)
     # The model's modules share this one config object.
-    ours.cfg.min_size, ours.cfg.max_size = MIN_SIZE, MAX_SIZE
-    ours.cfg.rpn_post_nms_top_n_test = POST_NMS_TOP_N
+    cfg = ours.cfg
+    cfg.min_size, cfg.max_size = MIN_SIZE, MAX_SIZE
+    cfg.rpn_post_nms_top_n_test = POST_NMS_TOP_N
+    cfg.box_score_thresh, cfg.detections_per_img = case.score_thresh, case.max_detections
     return ours
 
 
 @functools.cache
 def calibrated_coco_state(variant: str) -> dict[str, Tensor]:
     """A calibrated 91-class torchvision state dict: one calibration pass per variant."""
-    tv = torchvision_model(variant, 91)
+    tv = torchvision_model(Case(variant, 91, 0.05, 40))
     calibrate(tv, [im.float() / 255 for im in parity_images()], seed=1)
     return tv.state_dict()
 
@@ -97,8 +129,7 @@ def with_classes(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor
 
 @dataclass
 class ParityRun:
-    variant: str
-    num_classes: int
+    case: Case
     tv_state: dict[str, Tensor]
     images: list[Tensor]
     reference: list[dict[str, Tensor]]  # torchvision's detections
@@ -106,16 +137,16 @@ class ParityRun:
 
 
 @functools.cache
-def parity_run(variant: str, num_classes: int) -> ParityRun:
-    state = with_classes(calibrated_coco_state(variant), num_classes)
-    tv = torchvision_model(variant, num_classes)
+def parity_run(case: Case) -> ParityRun:
+    state = with_classes(calibrated_coco_state(case.variant), case.num_classes)
+    tv = torchvision_model(case)
     tv.load_state_dict(state)
     images = parity_images()
     with torch.no_grad():
         reference = tv([im.float() / 255 for im in images])
     del tv
-    ours = converted(state, variant).predict(images)
-    return ParityRun(variant, num_classes, state, images, reference, ours)
+    ours = converted(state, case).predict(images)
+    return ParityRun(case, state, images, reference, ours)
 
 
 @dataclass
@@ -145,13 +176,18 @@ def match_detections(ref: dict[str, Tensor], ours: dict[str, Tensor]) -> Matchin
     return Matching(matched, best, score_diff, mask_iou)
 
 
-@pytest.mark.parametrize(("variant", "num_classes"), CASES, ids=[f"{v}-{c}" for v, c in CASES])
-def test_detections_match_torchvision(variant, num_classes):
-    run = parity_run(variant, num_classes)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_detections_match_torchvision(case):
+    run = parity_run(case)
     ref_counts = [len(r["boxes"]) for r in run.reference]
     our_counts = [len(o["boxes"]) for o in run.ours]
     # Non-vacuous: dozens of detections, with masks that are neither empty nor full.
     assert sum(ref_counts) >= 20 * len(run.images) and min(ref_counts) >= 10, ref_counts
+    # Each case ends where it is meant to: at the cap, or below it at the score threshold.
+    if case.max_detections < 100:
+        assert ref_counts == [case.max_detections] * len(run.images), ref_counts
+    else:
+        assert max(ref_counts) < case.max_detections, ref_counts
     for r, image in zip(run.reference, run.images):
         fg = (r["masks"][:, 0] > 0.5).flatten(1).float().mean(1)
         assert ((fg > 0) & (fg < 1)).sum() >= 5
@@ -193,7 +229,8 @@ def old_style(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def test_old_torchvision_key_spellings_load_to_identical_outputs():
-    run = parity_run("v1", 5)
+    run = parity_run(CASES[1])
+    assert run.case.variant == "v1"
     old = old_style(run.tv_state)
     assert "backbone.fpn.inner_blocks.0.weight" in old
     assert "backbone.fpn.layer_blocks.3.bias" in old
@@ -204,7 +241,7 @@ def test_old_torchvision_key_spellings_load_to_identical_outputs():
     build_torchvision("v1", 5).load_state_dict(old)
 
     new_model = from_torchvision(run.tv_state, variant="v1")
-    old_model = converted(old, "v1")
+    old_model = converted(old, run.case)
     new_sd, old_sd = new_model.state_dict(), old_model.state_dict()
     assert new_sd.keys() == old_sd.keys()
     assert all(torch.equal(new_sd[k], old_sd[k]) for k in new_sd)
@@ -215,7 +252,32 @@ def test_old_torchvision_key_spellings_load_to_identical_outputs():
 
 @pytest.mark.parametrize(("given", "claimed"), [("v2", "v1"), ("v1", "v2")])
 def test_wrong_variant_is_a_clear_error(given, claimed):
-    state = parity_run(given, 5).tv_state
+    state = build_torchvision(given, 5).state_dict()
     with pytest.raises(CheckpointError, match=f"does not fit torchvision {claimed}") as err:
         from_torchvision(state, variant=claimed)
     assert "other variant" in str(err.value)
+
+
+def fingerprints(state: dict[str, Tensor]) -> list[tuple]:
+    """Shape and content summary of every tensor but BatchNorm's step counters, sorted."""
+    return sorted(
+        (tuple(v.shape), round(float(v.double().sum()), 6), round(float(v.double().abs().sum()), 6))
+        for k, v in state.items()
+        if not k.endswith("num_batches_tracked")
+    )
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_every_torchvision_tensor_lands_in_our_model(variant):
+    if variant == "v2":
+        # torchvision's own v2 builder: a BatchNorm2d body, with step counters in the keys.
+        tv = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=5)
+    else:
+        tv = build_torchvision("v1", 5)
+    state = tv.state_dict()
+    ours = from_torchvision(state, variant=variant)
+    assert fingerprints(ours.state_dict()) == fingerprints(state)
+    # v1's COCO weights were trained with FrozenBatchNorm epsilon 0; v2's with the default.
+    eps = {m.eps for m in ours.modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert eps == ({0.0} if variant == "v1" else {1e-5})
+    assert ours.cfg.frozen_bn_eps == (0.0 if variant == "v1" else 1e-5)
