@@ -4,7 +4,6 @@ and torchvision imports that do not fit."""
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -154,9 +153,20 @@ def test_allowed_pickle_still_never_runs_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"config": {}, "state_dict": _RunsCode(marker)}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(Exception):  # noqa: B017 - which error is the next test's concern
         load(str(path), allow_pickle=True)
     assert not marker.exists()
+
+
+def test_allowed_pickle_with_code_is_a_checkpoint_error_naming_the_file(tmp_path):
+    # torch's own UnpicklingError names no file and suggests weights_only=False,
+    # the one thing a caller must not do with an untrusted file.
+    path = tmp_path / "evil.pt"
+    torch.save({"config": {}, "state_dict": _RunsCode(tmp_path / "pwned")}, path)
+    with pytest.raises(CheckpointError) as err:
+        load(str(path), allow_pickle=True)
+    assert str(path) in str(err.value)
+    assert "weights_only=False" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
