@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import storage
@@ -144,11 +145,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if start >= spec.iterations:
         return
 
-    if amp == "bf16":
-        # The model's fast path runs convolutions on channels_last features; every
-        # conv weight made channels_last before DDP wraps the model keeps the
-        # gradients in the layout of DDP's buckets (no copy per step).
-        model.to(memory_format=torch.channels_last)
+    # Conv weights channels_last before DDP wraps the model. On CPU, oneDNN returns
+    # convolution weight gradients channels_last even for contiguous weights, and
+    # in the first backward after DDP is built (the first iteration of every
+    # start and restart) DDP wrote the averaged gradient back into such a
+    # gradient's memory in its bucket's contiguous order: a scrambled step
+    # (torch 2.14, gloo; seen as a resumed run diverging from the uninterrupted
+    # one). With channels_last weights, gradients, buckets and weights agree; the
+    # bf16 fast path wants this layout anyway.
+    model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
 
     plan = BatchPlan(
@@ -165,26 +170,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and spec.val_data:
         evaluator = Evaluator(spec.val_data, model.cfg.label_names, spec.val_options)
 
+    fallback = None
     window_losses: dict[str, float] = {}
     window_steps, window_start, images_seen = 0, time.perf_counter(), 0
     for it, (images, targets) in zip(range(start, spec.iterations), loader):
         step = it + 1  # optimizer steps done after this iteration
+        # The model samples anchors and RoIs at random: a seed per (rank, iteration)
+        # makes a resumed run draw what the uninterrupted one would have drawn.
+        torch.manual_seed(int(np.random.SeedSequence([spec.seed, rank, it]).generate_state(1)[0]))
         min_size, max_size = train_input_size(
             model.cfg.min_size, model.cfg.max_size, spec.scale_jitter, spec.seed, rank, it
         )
         if images:
-            autocast = (
-                torch.autocast(device.type, dtype=torch.float16)
-                if amp == "fp16"
-                else contextlib.nullcontext()
-            )
-            with input_size(model, min_size, max_size), autocast:
-                loss_dict = ddp_model(images, targets, fast=amp == "bf16")
-            loss = sum(loss_dict.values())
+            fallback = (images, targets)
         else:
-            # Every image of this batch was unreadable: a zero step keeps DDP in step.
-            loss_dict = {}
-            loss = sum(p.sum() for p in params) * 0.0
+            # Every image of this batch was unreadable (each logged once): every rank
+            # must still step, so this one repeats its last good batch.
+            fallback = fallback or CocoDataset.collate([next(iter(shard))])
+            images, targets = fallback
+        autocast = (
+            torch.autocast(device.type, dtype=torch.float16)
+            if amp == "fp16"
+            else contextlib.nullcontext()
+        )
+        with input_size(model, min_size, max_size), autocast:
+            loss_dict = ddp_model(images, targets, fast=amp == "bf16")
+        loss = sum(loss_dict.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at iteration {step} "

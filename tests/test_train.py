@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -32,7 +33,7 @@ CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 SMALL_RUN = [
     "--preset", "tiny", "--min-size", "64", "--max-size", "64",
-    "--workers", "2", "--batch-size", "2", "--log-every", "1", "--lr", "0.01",
+    "--workers", "2", "--log-every", "1", "--lr", "0.01",
 ]  # fmt: skip
 
 
@@ -80,6 +81,11 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 240.
             pytest.fail(f"train exited ({proc.returncode}) first:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     pytest.fail(f"timed out waiting; log:\n{log.read_text()[-3000:]}")
+
+
+def losses_by_iteration(text: str) -> dict[int, str]:
+    """Iteration -> its logged losses (as printed, without the speed)."""
+    return {int(i): loss for i, loss in re.findall(r"train: iter +(\d+)/\d+ +(loss .*?\))", text)}
 
 
 def alive(pid: int) -> bool:
@@ -135,7 +141,7 @@ def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
 
     log = tmp_path / "train.log"
     args = [
-        "--data", str(shapes / "train"), *SMALL_RUN, "--iters", "16",
+        "--data", str(shapes / "train"), *SMALL_RUN, "--batch-size", "2", "--iters", "16",
         "--checkpoint-every", "4", "--keep-checkpoints", "2", "--max-failures", "2",
         "--amp", "--storage", f"s3://{s3_bucket}/runs", "--name", "killed",
     ]  # fmt: skip
@@ -183,6 +189,10 @@ def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes, tmp_path):
+    """Also a corrupt image: with one image per batch, a batch of nothing still steps."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "train" / "images" / "000005.png").write_bytes(b"not a png")
     storage = tmp_path / "runs"
     run = storage / "stopped"
 
@@ -191,8 +201,8 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
         return path.read_text() if path.exists() else None
 
     args = [
-        "--data", str(shapes / "train"), "--val-data", str(shapes / "val"), *SMALL_RUN,
-        "--iters", "12", "--checkpoint-every", "4", "--keep-checkpoints", "2",
+        "--data", str(data / "train"), "--val-data", str(data / "val"), *SMALL_RUN,
+        "--batch-size", "1", "--iters", "12", "--checkpoint-every", "4", "--keep-checkpoints", "2",
         "--storage", str(storage), "--name", "stopped",
     ]  # fmt: skip
     first_log = tmp_path / "first.log"
@@ -222,6 +232,15 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     text = again_log.read_text()
     assert_resumed(text, stopped_at, 12)
     assert "finished at iteration 12" in text
+    # Resumed exactly: iterations trained by both runs (after the checkpoint the
+    # first run went on until killed) have the same losses.
+    first, resumed = losses_by_iteration(first_log.read_text()), losses_by_iteration(text)
+    redone = sorted(set(first) & set(resumed))
+    assert redone and redone[0] == stopped_at + 1
+    assert [first[i] for i in redone] == [resumed[i] for i in redone]
+    # Each worker sees its 12 images once in 12 iterations: the corrupt one was met.
+    both = first_log.read_text() + text
+    assert re.search(r"skipped image \S*000005.png: undecodable", both), both[-3000:]
 
     kept = sorted(p.name for p in run.glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000008", "checkpoint_00000012"]
