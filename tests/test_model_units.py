@@ -621,7 +621,7 @@ def test_score_threshold_and_max_detections(random_tiny_model, contract_images, 
 
 
 def test_fast_mode_keeps_the_contract(random_tiny_model, contract_images, tiny_cfg):
-    model = copy.deepcopy(random_tiny_model)  # fast mode switches weights to channels_last
+    model = copy.deepcopy(random_tiny_model)  # fast mode may change the weights' layout
     out = model.predict(contract_images, fast=True)
     check_contract(out, contract_images, tiny_cfg.num_classes)
     assert all(len(d["boxes"]) > 0 for d in out)
