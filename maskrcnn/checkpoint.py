@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 from typing import Any
 
@@ -83,6 +84,16 @@ def save(model: MaskRCNN, uri: str) -> None:
     _write_bytes(uri, state_dict_bytes(model))
 
 
+def _load_pickle_weights_only(data: bytes, uri: str):
+    """torch.load with weights_only=True; anything but tensors is a CheckpointError naming uri."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{_redact(uri)}: pickle holds objects other than tensors; refused"
+        ) from exc
+
+
 def read_metadata(data: bytes, uri: str = "checkpoint") -> dict[str, str]:
     """The safetensors header metadata, or CheckpointError naming ``uri``."""
     if len(data) < 8:
@@ -115,7 +126,7 @@ def load(
                 "Convert it to safetensors, or pass allow_pickle=True if you trust it "
                 "(it is then loaded with weights_only=True)"
             )
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = _load_pickle_weights_only(data, uri)
         if not (isinstance(obj, dict) and "config" in obj and "state_dict" in obj):
             raise CheckpointError(f"{_redact(uri)}: pickle lacks 'config' and 'state_dict'")
         model = MaskRCNN(MaskRCNNConfig.from_dict(obj["config"]))
@@ -211,7 +222,7 @@ def from_torchvision(
         if data[:4] in _PICKLE_MAGIC or data[:2] in _PICKLE_MAGIC:
             if not allow_pickle:
                 raise CheckpointError(f"{_redact(state_dict_or_path)}: pickle refused")
-            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            sd = _load_pickle_weights_only(data, state_dict_or_path)
         else:
             try:
                 sd = st_load(data)
