@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -101,8 +100,3 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         """images [B, 3, H, W] -> [P2..P6], strides 4, 8, 16, 32, 64."""
         return self.fpn(self.body(images))
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """Channels-last weights for every 4-d parameter (oneDNN / tensor-core layout)."""
-    return module.to(memory_format=torch.channels_last)
