@@ -191,7 +191,9 @@ class RoIHeads(nn.Module):
         score_thresh = cfg.box_score_thresh if score_thresh is None else score_thresh
         max_det = cfg.detections_per_img if max_detections is None else max_detections
         dtype = feats[0].dtype
-        pooled = self._pool(feats, proposals, image_sizes, cfg.box_roi_size)
+        # RoIAlign reads fp32 NCHW: convert P2..P5 once for both poolings, not per call.
+        pool_feats = [f.float().contiguous() for f in feats[:4]]
+        pooled = self._pool(pool_feats, proposals, image_sizes, cfg.box_roi_size)
         logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
         probs = F.softmax(logits.float(), -1)
         boxes = decode_boxes(deltas.float(), torch.cat(proposals), cfg.bbox_reg_weights)
@@ -214,7 +216,8 @@ class RoIHeads(nn.Module):
             for r in results:
                 r["mask_probs"] = torch.zeros((0, m, m), device=r["boxes"].device)
             return results
-        pooled = self._pool(feats, det_boxes, image_sizes, cfg.mask_roi_size)
+        pooled = self._pool(pool_feats, det_boxes, image_sizes, cfg.mask_roi_size)
+        del pool_feats
         logits = self._run(self.mask_head, pooled, dtype, channels_last).float()
         labels = torch.cat([r["labels"] for r in results])
         mask_probs = torch.sigmoid(logits[torch.arange(len(labels), device=labels.device), labels])
