@@ -5,11 +5,18 @@ viewed), every Pillow mode is converted to 8-bit RGB, and Pillow's
 decompression-bomb limit stays on. Anything that cannot be decoded raises
 :class:`DecodeError` with a short, stable message of the form
 ``decode: <reason>`` that a batch job stores in its error column.
+
+:func:`decode_for_model` also shrinks a huge image (at least REDUCE_FROM times
+the size the model takes it at) by an integer box filter while decoding it
+(JPEG: in the decoder itself), so that a 50-megapixel photo costs neither its
+full size in float32 copies nor seconds of resizing; the pixel limit still
+applies to the size the file declares.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 
@@ -22,6 +29,15 @@ Image.LOAD_TRUNCATED_IMAGES = False
 # Alpha is composited over white: what a viewer shows on a page, and it keeps
 # the colour under fully transparent pixels (often arbitrary) out of the model.
 _ALPHA_BACKGROUND = (255, 255, 255)
+
+# decode_for_model shrinks images whose sides are at least this many times what
+# the model resizes them to. Below it, the image reaches the model's resize whole,
+# so results equal predict() on the decoded image bit for bit; above it, a box
+# filter first (an antialiased reduction, not what the model's bilinear resize
+# alone gives) keeps memory and time near those of an ordinary image.
+REDUCE_FROM = 4
+# Modes Pillow's reduce() averages as colours (not, e.g., palette indices).
+_REDUCIBLE_MODES = ("RGB", "L")
 
 
 class DecodeError(ValueError):
@@ -39,14 +55,53 @@ def decode_image(data: bytes, uri: str = "") -> np.ndarray:
     sniffed from the bytes, never trusted from the file name. Multi-frame files
     (GIF, TIFF) give their first frame.
     """
+    return _decode(data, None)[0]
+
+
+def decode_for_model(
+    data: bytes, min_size: int, max_size: int, uri: str = ""
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(rgb, (height, width)): uint8 [h, w, 3] RGB, EXIF-oriented, and the full size as viewed.
+
+    For a model that resizes images to ``min_size`` / ``max_size`` (the
+    short side to min_size unless the long side passes max_size): an image at
+    least REDUCE_FROM times larger than that is shrunk by the integer factor
+    :func:`reduction_factor` gives, so [h, w] stays at least the model's input
+    size; any other image is returned whole (h, w = height, width), as
+    :func:`decode_image` returns it.
+    """
+    return _decode(data, (min_size, max_size))
+
+
+def reduction_factor(width: int, height: int, min_size: int, max_size: int) -> int:
+    """The integer factor decode_for_model shrinks a width x height image by (1: none).
+
+    floor(1 / scale), scale being the model's resize scale, when that is at
+    least REDUCE_FROM: the shrunk image is still no smaller than the model's input.
+    """
+    scale = min(min_size / min(width, height), max_size / max(width, height))
+    factor = math.floor(1.0 / scale)
+    return factor if factor >= REDUCE_FROM else 1
+
+
+def _decode(data: bytes, model_size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
     if not data:
         raise DecodeError("empty file")
+    drafted = 1
     try:
         with warnings.catch_warnings():
             # Over the limit -> warning, over twice the limit -> error: both refuse.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_pixels(image.size)
+            stored_w, stored_h = image.size
+            factor = reduction_factor(stored_w, stored_h, *model_size) if model_size else 1
+            if factor > 1 and image.format == "JPEG":
+                # libjpeg scales by 1/2, 1/4 or 1/8 while decoding: most of the factor, free.
+                target = (-(-stored_w // factor), -(-stored_h // factor))
+                draft = image.draft(None, target)
+                if draft is not None:
+                    drafted = max(1, round(stored_w / draft[1][2]))
             image.load()
     except DecodeError:
         raise
@@ -57,8 +112,14 @@ def decode_image(data: bytes, uri: str = "") -> np.ndarray:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
         raise DecodeError(_short_reason(exc)) from None
     try:
-        image = _oriented(image)
-        return _to_rgb(image)
+        image, swapped = _oriented(image)
+        size = (stored_w, stored_h) if swapped else (stored_h, stored_w)
+        rest = factor // drafted
+        if rest < 2:
+            return _to_rgb(image), size
+        if image.mode in _REDUCIBLE_MODES:
+            return _to_rgb(image.reduce(rest)), size
+        return np.array(Image.fromarray(_to_rgb(image)).reduce(rest)), size
     except DecodeError:
         raise
     except MemoryError:
@@ -97,14 +158,18 @@ def _short_reason(exc: BaseException) -> str:
     return text[:120] or type(exc).__name__
 
 
-def _oriented(image: Image.Image) -> Image.Image:
-    """``image`` rotated/flipped as its EXIF orientation says (a no-op without one)."""
+def _oriented(image: Image.Image) -> tuple[Image.Image, bool]:
+    """(``image`` rotated/flipped as its EXIF orientation says, whether its axes swapped).
+
+    A no-op without an orientation.
+    """
     try:
+        swapped = image.getexif().get(0x0112) in (5, 6, 7, 8)  # transposes and 90-degree turns
         oriented = ImageOps.exif_transpose(image)
     except Exception:
         # A broken EXIF block does not make the pixels unusable: keep them as stored.
-        return image
-    return oriented if oriented is not None else image
+        return image, False
+    return (oriented, swapped) if oriented is not None else (image, False)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

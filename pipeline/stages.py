@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, decode_for_model, decode_image
 from pipeline.schema import INSTANCE_TYPE, SCHEMA
 from pipeline.storage import get_fs
 
@@ -86,11 +86,14 @@ def read_and_decode(
             status[i], error[i] = "error", _reason("read", data)
             continue
         try:
-            rgb = decode_image(data, uri)
+            if cfg is not None:  # huge images come back shrunk (still >= the model's size)
+                rgb, (height[i], width[i]) = decode_for_model(data, cfg.min_size, cfg.max_size, uri)
+            else:
+                rgb = decode_image(data, uri)
+                height[i], width[i] = int(rgb.shape[0]), int(rgb.shape[1])
         except DecodeError as exc:
             status[i], error[i] = "error", str(exc)
             continue
-        height[i], width[i] = int(rgb.shape[0]), int(rgb.shape[1])
         chw = torch.from_numpy(rgb).permute(2, 0, 1)
         try:
             if cfg is not None:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import io
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import duckdb
@@ -30,6 +28,10 @@ from pipeline.rle import decode_masks
 from pipeline.schema import MANIFEST_NAME, SCHEMA, committed_files, read_manifest
 from pipeline.segment import SegmentOptions, segment
 
+sys.path.insert(0, str(REPO))
+# The odd and broken files are shared with the bad-data-at-scale test and bench.
+from bench.mixed_data import BAD_IMAGE_ERRORS, BAD_IMAGE_SIZES, bad_image_files  # noqa: E402
+
 # --- inputs -----------------------------------------------------------------------
 
 
@@ -37,21 +39,6 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
     return buf.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0"))
-        + chunk(b"IEND", b"")
-    )
 
 
 def make_images(n_plain: int, seed: int = 0, odd: bool = True) -> dict[str, bytes]:
@@ -68,40 +55,13 @@ def make_images(n_plain: int, seed: int = 0, odd: bool = True) -> dict[str, byte
         )
     if not odd:
         return files
-    rgb = rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)
-    jpeg = _encode(Image.fromarray(rgb), "JPEG", quality=95)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored 96 wide x 72 high, viewed rotated: 72 wide x 96 high
-    alpha = np.full((72, 96), 255, np.uint8)
-    alpha[:, :40] = 0
-    files.update(
-        {
-            "odd/zero.jpg": b"",
-            "odd/truncated.jpg": jpeg[: len(jpeg) // 2],
-            "odd/text.jpg": b"just some text, not a picture\n" * 4,
-            "odd/bomb.png": _png_header_only(20000, 20000),
-            "odd/deep16.png": _encode(
-                Image.fromarray((rng.integers(0, 65536, (70, 90))).astype(np.uint16)), "PNG"
-            ),
-            "odd/cmyk.jpg": _encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
-            "odd/grey.png": _encode(Image.fromarray(rgb[:, :, 0], "L"), "PNG"),
-            "odd/rgba.png": _encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"),
-            "odd/palette.GIF": _encode(Image.fromarray(rgb).quantize(colors=32), "GIF"),
-            "odd/rotated.JPG": _encode(Image.fromarray(rgb), "JPEG", exif=exif),
-            "odd/dot.png": _encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
-            "odd/notes.txt": b"ignored: not an image extension",
-        }
-    )
+    files.update({f"odd/{name}": data for name, data in bad_image_files(rng).items()})
+    files["odd/notes.txt"] = b"ignored: not an image extension"
     return files
 
 
-EXPECTED_ERRORS = {
-    "odd/zero.jpg": "decode: empty file",
-    "odd/truncated.jpg": "decode: image file is truncated",
-    "odd/text.jpg": "decode: cannot identify image file",
-    "odd/bomb.png": f"decode: decompression bomb (400000000 pixels > limit {Image.MAX_IMAGE_PIXELS})",
-}
-EXPECTED_SIZES = {"odd/rotated.JPG": (72, 96), "odd/dot.png": (1, 1), "odd/deep16.png": (90, 70)}
+EXPECTED_ERRORS = {f"odd/{name}": reason for name, reason in BAD_IMAGE_ERRORS.items()}
+EXPECTED_SIZES = {f"odd/{name}": size for name, size in BAD_IMAGE_SIZES.items()}
 
 
 def write_local(root: Path, files: dict[str, bytes]) -> dict[str, str]:
