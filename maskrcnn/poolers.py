@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -28,6 +30,25 @@ def assign_levels(
 def level_scales(feats: list[Tensor], batch_shape: tuple[int, int]) -> list[float]:
     """Feature-map / image scale of each level, rounded to a power of two (1/4, 1/8, ...)."""
     return [2.0 ** round(math.log2(f.shape[-2] / batch_shape[0])) for f in feats]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+# Below this many RoIs per chunk, a thread hand-off costs more than it saves.
+_MIN_ROIS_PER_THREAD = 32
+
+
+def _cpu_pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
+        return _POOL
+
+
+def _roi_align_no_grad(feat: Tensor, rois: Tensor, kwargs: dict) -> Tensor:
+    with torch.no_grad():
+        return roi_align(feat, rois, **kwargs)
 
 
 def multiscale_roi_align(
@@ -62,16 +83,32 @@ def multiscale_roi_align(
     if rois.shape[0] == 0:
         return out
     levels = assign_levels(rois[:, 1:], canonical_scale, canonical_level, k_min, k_max)
+    # torchvision's CPU kernel runs on one core: at inference, split the RoIs into chunks
+    # pooled on torch's threads (the op releases the GIL; results are identical).
+    threads = torch.get_num_threads() if rois.device.type == "cpu" else 1
+    if torch.is_grad_enabled() and feats[0].requires_grad:
+        threads = 1
+    jobs = []
     for lvl, (feat, scale) in enumerate(zip(feats, scales)):
         idx = torch.nonzero(levels == lvl).squeeze(1)
         if idx.numel() == 0:
             continue
-        out[idx] = roi_align(
-            feat.float(),
-            rois[idx],
-            output_size=output_size,
-            spatial_scale=scale,
-            sampling_ratio=sampling_ratio,
-            aligned=aligned,
-        )
+        kwargs = {
+            "output_size": output_size,
+            "spatial_scale": scale,
+            "sampling_ratio": sampling_ratio,
+            "aligned": aligned,
+        }
+        chunks = min(threads, idx.numel() // _MIN_ROIS_PER_THREAD)
+        if chunks <= 1:
+            out[idx] = roi_align(feat.float(), rois[idx], **kwargs)
+            continue
+        feat = feat.float().contiguous()
+        for part in idx.tensor_split(chunks):
+            jobs.append((part, feat, rois[part], kwargs))
+    if jobs:
+        pool = _cpu_pool(threads)
+        futures = [(part, pool.submit(_roi_align_no_grad, f, r, kw)) for part, f, r, kw in jobs]
+        for part, future in futures:
+            out[part] = future.result()
     return out

@@ -686,3 +686,25 @@ def test_folded_backbone_equals_the_unfolded_torchvision_body():
             want.append(y)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_multiscale_roi_align_on_threads_equals_one_thread():
+    """Inference pools chunks of RoIs on torch's threads: bit-identical to one thread."""
+    g = torch.Generator().manual_seed(5)
+    feats = [torch.randn(2, 8, 64 // 2**i, 96 // 2**i, generator=g) for i in range(4)]
+    xy = torch.rand(600, 2, generator=g) * torch.tensor([300.0, 200.0])
+    wh = torch.rand(600, 2, generator=g) * 120 + 2
+    boxes = torch.cat([xy, xy + wh], 1)
+    per_image = [boxes[:300], boxes[300:]]
+    sizes = [(256, 384), (250, 380)]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                results.append(multiscale_roi_align(feats, per_image, sizes, 7, 2, False))
+    finally:
+        torch.set_num_threads(before)
+    assert results[0].abs().sum() > 0
+    assert torch.equal(results[0], results[1])
