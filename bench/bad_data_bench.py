@@ -34,33 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from bench.common import write_result  # noqa: E402
-from bench.mixed_data import HUGE_SIZES, TreeMonitor, write_clean_set, write_mixed_set  # noqa: E402
+from bench.mixed_data import HUGE_SIZES, write_clean_set, write_mixed_set  # noqa: E402
+from bench.pipeline_bench import timed_segment  # noqa: E402
 
 TARGET_RATIO = 0.8
 
 
 def segment_run(input_dir: Path, output: Path, model_path: str, args) -> dict:
     """One segment() run, timed, with the peak memory of this process tree."""
-    from pipeline.model_source import ModelSource
-    from pipeline.segment import SegmentOptions, segment
-
-    opts = SegmentOptions(
-        batch_size=args.batch_size,
-        actors=(args.actors, args.actors),
-        cpus_per_actor=args.cpus_per_actor,
-        rows_per_part=args.rows_per_part,
-    )
     load_before = os.getloadavg()[0]
-    with TreeMonitor() as memory:
-        start = time.perf_counter()
-        summary = segment(
-            str(input_dir),
-            str(output),
-            ModelSource(checkpoint=model_path),
-            opts,
-            log=lambda m: None,
-        )
-        seconds = time.perf_counter() - start
+    summary, seconds, memory = timed_segment(str(input_dir), output, model_path, args)
     counts = summary["counts"]
     return {
         "images_per_s": counts["images"] / seconds,

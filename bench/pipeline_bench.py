@@ -26,61 +26,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-
-def tree_pss_bytes(root_pid: int) -> int:
-    """Proportional set size of ``root_pid`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
-    return total
-
-
-class PeakMemory:
-    """Samples tree_pss_bytes(this process) every ``interval`` s while in a with-block."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_pss_bytes(os.getpid()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+from bench.proctree import TreeMonitor  # noqa: E402
 
 
 def make_images(root: Path, count: int, size: int) -> list[Path]:
@@ -113,7 +65,11 @@ def model_alone(model, paths: list[Path], batch_size: int, fast: bool) -> dict:
     return {"images_per_s": len(images) / seconds, "seconds": seconds, "instances": instances}
 
 
-def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
+def timed_segment(
+    input_uri: str, output: Path, model_path: str, args, fast: bool = False
+) -> tuple[dict, float, TreeMonitor]:
+    """One ``segment()`` run with the benchmark's options: (summary, seconds, its
+    process tree's TreeMonitor). Ray must be started already."""
     from pipeline.model_source import ModelSource
     from pipeline.segment import SegmentOptions, segment
 
@@ -121,15 +77,20 @@ def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
         batch_size=args.batch_size,
         actors=(args.actors, args.actors),
         cpus_per_actor=args.cpus_per_actor,
-        fast=args.fast,
+        fast=fast,
         rows_per_part=args.rows_per_part,
     )
-    with PeakMemory() as memory:
+    with TreeMonitor() as memory:
         start = time.perf_counter()
         summary = segment(
             input_uri, str(output), ModelSource(checkpoint=model_path), opts, log=lambda m: None
         )
         seconds = time.perf_counter() - start
+    return summary, seconds, memory
+
+
+def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
+    summary, seconds, memory = timed_segment(input_uri, output, model_path, args, args.fast)
     parquet_bytes = sum((output / name).stat().st_size for name in summary["files"])
     counts = summary["counts"]
     this_run = summary["this_run"]
@@ -145,7 +106,7 @@ def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
         "first_part_s": this_run.get("first_part_s"),
         "seconds": seconds,
         "counts": counts,
-        "peak_pss_bytes": memory.peak,
+        "peak_pss_bytes": memory.peak_pss,
         "parquet_bytes": parquet_bytes,
         "bytes_per_instance": parquet_bytes / max(1, counts["instances"]),
     }

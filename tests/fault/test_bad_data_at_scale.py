@@ -34,7 +34,8 @@ from pipeline.schema import SCHEMA, committed_files, read_manifest
 from pipeline.segment import DECODE_TASK_MEMORY
 
 sys.path.insert(0, str(REPO))
-from bench.mixed_data import Expected, TreeMonitor, write_clean_set, write_mixed_set  # noqa: E402
+from bench.mixed_data import Expected, write_clean_set, write_mixed_set  # noqa: E402
+from bench.proctree import TreeMonitor  # noqa: E402
 
 IMAGES = 200  # per set: 20 broken, 7 odd modes, 4 huge, 3 tiny, 166 plain
 MAX_DETECTIONS = 5
