@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch_threads import one_thread  # noqa: F401
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import (
@@ -22,15 +23,6 @@ from maskrcnn.checkpoint import (
 )
 
 CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine spin against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

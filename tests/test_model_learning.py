@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import torch
 from torch import Tensor
+from torch_threads import one_thread  # noqa: F401
 from torchvision.ops import box_iou, masks_to_boxes
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
@@ -17,15 +17,6 @@ SIZE = 128  # the tiny preset's min_size: images go in unscaled
 STEPS = 50
 LR = 2e-3
 SEED = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine spin against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def draw(shapes: list[tuple], background: tuple[int, int, int]) -> tuple[Tensor, dict]:

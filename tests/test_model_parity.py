@@ -27,6 +27,7 @@ import pytest
 import torch
 from conftest import REPO
 from torch import Tensor
+from torch_threads import one_thread  # noqa: F401
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 from torchvision.ops import FrozenBatchNorm2d, box_iou
@@ -69,12 +70,8 @@ CASES = [
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine spin against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def free_cached_runs():
     yield
-    torch.set_num_threads(before)
     parity_run.cache_clear()
     calibrated_coco_state.cache_clear()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_threads import one_thread  # noqa: F401
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -34,16 +35,6 @@ from maskrcnn.rpn import RPN, flatten_level
 from maskrcnn.transforms import resize_to_model
 
 STRIDES = (4, 8, 16, 32, 64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine two intra-op threads spin against other
-    # processes and run up to 10x slower than one; restore afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smooth_l1(d: Tensor, beta: float) -> Tensor:
