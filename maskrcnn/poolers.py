@@ -33,16 +33,18 @@ def level_scales(feats: list[Tensor], batch_shape: tuple[int, int]) -> list[floa
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 # Below this many RoIs per chunk, a thread hand-off costs more than it saves.
 _MIN_ROIS_PER_THREAD = 32
 
 
 def _cpu_pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
+    global _POOL, _POOL_SIZE
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
+        if _POOL_SIZE < threads:
             _POOL = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
+            _POOL_SIZE = threads
         return _POOL
 
 
