@@ -1,14 +1,26 @@
-"""RoIAlign on the FPN level chosen by box size (the paper's Eq. 1)."""
+"""RoIAlign on the FPN level chosen by box size (the paper's Eq. 1).
+
+Training uses torchvision's roi_align (it has the backward). Inference uses
+our gathered form of the same arithmetic: every output bin is a weighted sum
+of the (up to) 4 x grid x grid feature vectors its bilinear samples touch, so
+the whole pooling is one ``embedding_bag`` over a channels-last table of the
+level: vectorised over channels and spread over torch's threads, where
+torchvision's CPU kernel walks one channel plane at a time on one core. The
+sums are fp32 (bf16 features widen exactly) and agree with roi_align to
+float rounding.
+"""
 
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
+
+# RoIs per embedding_bag call: bounds the index/weight tensors (about 25 MB at 7x7).
+_ROIS_PER_CHUNK = 2048
 
 
 def assign_levels(
@@ -32,25 +44,69 @@ def level_scales(feats: list[Tensor], batch_shape: tuple[int, int]) -> list[floa
     return [2.0 ** round(math.log2(f.shape[-2] / batch_shape[0])) for f in feats]
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-# Below this many RoIs per chunk, a thread hand-off costs more than it saves.
-_MIN_ROIS_PER_THREAD = 32
+def _samples_1d(start: Tensor, length: Tensor, bins: int, grid: int, size: int):
+    """Bilinear taps along one axis, as roi_align places them.
+
+    start, length: fp32 [R] the RoI's extent in feature pixels. Returns the
+    two source indices int64 [R, bins, grid, 2], their weights fp32 (same
+    shape) and whether each sample lies on the map, bool [R, bins, grid].
+    """
+    step = (length / bins)[:, None, None]
+    b = torch.arange(bins, dtype=torch.float32, device=start.device)[None, :, None]
+    g = torch.arange(grid, dtype=torch.float32, device=start.device)[None, None, :]
+    pos = start[:, None, None] + b * step + (g + 0.5) * step / grid
+    on_map = (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0)
+    low = pos.floor()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    pos = torch.where(at_edge, low, pos)
+    frac = pos - low
+    low = low.to(torch.int64)
+    high = torch.where(at_edge, low, low + 1)
+    return torch.stack([low, high], -1), torch.stack([1.0 - frac, frac], -1), on_map
 
 
-def _cpu_pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL_SIZE < threads:
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
-            _POOL_SIZE = threads
-        return _POOL
+def roi_align_gathered(
+    feat: Tensor,
+    rois: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """torchvision's roi_align (fixed sampling_ratio > 0) as one weighted gather.
 
-
-def _roi_align_no_grad(feat: Tensor, rois: Tensor, kwargs: dict) -> Tensor:
-    with torch.no_grad():
-        return roi_align(feat, rois, **kwargs)
+    feat: [B, C, H, W] of any float dtype, best channels-last; rois: fp32
+    [R, 5] (batch index, x1, y1, x2, y2) in image pixels. Returns fp32
+    [R, output_size, output_size, C] (channels last). No gradient.
+    """
+    b_, c, h, w = feat.shape
+    table = feat.float().permute(0, 2, 3, 1).reshape(b_ * h * w, c)
+    n = output_size
+    out = torch.empty((rois.shape[0], n, n, c), dtype=torch.float32, device=feat.device)
+    offset = 0.5 if aligned else 0.0
+    taps = (sampling_ratio * 2) ** 2
+    for start in range(0, rois.shape[0], _ROIS_PER_CHUNK):
+        r = rois[start : start + _ROIS_PER_CHUNK]
+        x1, y1, x2, y2 = (r[:, 1:] * spatial_scale - offset).unbind(1)
+        rw, rh = x2 - x1, y2 - y1
+        if not aligned:  # roi_align's legacy mode makes every RoI at least 1x1
+            rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+        yi, yw, yon = _samples_1d(y1, rh, n, sampling_ratio, h)
+        xi, xw, xon = _samples_1d(x1, rw, n, sampling_ratio, w)
+        # Axes: [R, bin y, bin x, sample y, sample x, tap y, tap x].
+        rows = r[:, 0].to(torch.int64)[:, None, None, None, None, None, None] * h
+        rows = rows + yi[:, :, None, :, None, :, None]
+        index = rows * w + xi[:, None, :, None, :, None, :]
+        on_map = yon[:, :, None, :, None, None, None] & xon[:, None, :, None, :, None, None]
+        weight = yw[:, :, None, :, None, :, None] * xw[:, None, :, None, :, None, :]
+        weight = weight * on_map / (sampling_ratio * sampling_ratio)
+        pooled = F.embedding_bag(
+            index.reshape(-1, taps), table, per_sample_weights=weight.reshape(-1, taps), mode="sum"
+        )
+        out[start : start + len(r)] = pooled.view(len(r), n, n, c)
+    return out
 
 
 def multiscale_roi_align(
@@ -65,8 +121,9 @@ def multiscale_roi_align(
 ) -> Tensor:
     """Pool every box from its level: feats P2..P5 [B, C, H_l, W_l], boxes per image [K_i, 4].
 
-    Returns fp32 [sum K_i, C, output_size, output_size] in the boxes' order.
-    RoIAlign runs in fp32 whatever the features' dtype.
+    Returns fp32 [sum K_i, C, output_size, output_size] in the boxes' order
+    (channels-last memory when pooled by the gathered kernel). RoIAlign runs
+    in fp32 whatever the features' dtype.
     """
     # The scale is taken against the largest image of the batch, as feature maps are.
     ref = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
@@ -79,38 +136,31 @@ def multiscale_roi_align(
         ]
     )
     channels = feats[0].shape[1]
-    out = torch.zeros(
-        (rois.shape[0], channels, output_size, output_size), dtype=torch.float32, device=rois.device
-    )
+    needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
+    gathered = not needs_grad and sampling_ratio > 0
+    n = output_size
+    # The gathered kernel writes [R, n, n, C]; the result is that memory seen as [R, C, n, n].
+    shape = (rois.shape[0], n, n, channels) if gathered else (rois.shape[0], channels, n, n)
+    out = torch.zeros(shape, dtype=torch.float32, device=rois.device)
     if rois.shape[0] == 0:
-        return out
+        return out.permute(0, 3, 1, 2) if gathered else out
     levels = assign_levels(rois[:, 1:], canonical_scale, canonical_level, k_min, k_max)
-    # torchvision's CPU kernel runs on one core: at inference, split the RoIs into chunks
-    # pooled on torch's threads (the op releases the GIL; results are identical).
-    threads = torch.get_num_threads() if rois.device.type == "cpu" else 1
-    if torch.is_grad_enabled() and feats[0].requires_grad:
-        threads = 1
-    jobs = []
     for lvl, (feat, scale) in enumerate(zip(feats, scales)):
         idx = torch.nonzero(levels == lvl).squeeze(1)
         if idx.numel() == 0:
             continue
-        kwargs = {
-            "output_size": output_size,
-            "spatial_scale": scale,
-            "sampling_ratio": sampling_ratio,
-            "aligned": aligned,
-        }
-        chunks = min(threads, idx.numel() // _MIN_ROIS_PER_THREAD)
-        if chunks <= 1:
-            out[idx] = roi_align(feat.float(), rois[idx], **kwargs)
-            continue
-        feat = feat.float().contiguous()
-        for part in idx.tensor_split(chunks):
-            jobs.append((part, feat, rois[part], kwargs))
-    if jobs:
-        pool = _cpu_pool(threads)
-        futures = [(part, pool.submit(_roi_align_no_grad, f, r, kw)) for part, f, r, kw in jobs]
-        for part, future in futures:
-            out[part] = future.result()
-    return out
+        if gathered:
+            pooled = roi_align_gathered(
+                feat, rois[idx], output_size, scale, sampling_ratio, aligned
+            )
+            out.index_copy_(0, idx, pooled)
+        else:
+            out[idx] = roi_align(
+                feat.float(),
+                rois[idx],
+                output_size=output_size,
+                spatial_scale=scale,
+                sampling_ratio=sampling_ratio,
+                aligned=aligned,
+            )
+    return out.permute(0, 3, 1, 2) if gathered else out

@@ -191,8 +191,8 @@ class RoIHeads(nn.Module):
         score_thresh = cfg.box_score_thresh if score_thresh is None else score_thresh
         max_det = cfg.detections_per_img if max_detections is None else max_detections
         dtype = feats[0].dtype
-        # RoIAlign reads fp32 NCHW: convert P2..P5 once for both poolings, not per call.
-        pool_feats = [f.float().contiguous() for f in feats[:4]]
+        # RoIAlign gathers fp32 channel vectors: lay P2..P5 out so once for both poolings.
+        pool_feats = [f.float().contiguous(memory_format=torch.channels_last) for f in feats[:4]]
         pooled = self._pool(pool_feats, proposals, image_sizes, cfg.box_roi_size)
         logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
         probs = F.softmax(logits.float(), -1)

@@ -29,7 +29,7 @@ from maskrcnn.anchors import (
     sample_balanced,
 )
 from maskrcnn.masks import mask_targets, paste_masks
-from maskrcnn.poolers import assign_levels, multiscale_roi_align
+from maskrcnn.poolers import assign_levels, multiscale_roi_align, roi_align_gathered
 from maskrcnn.roi_heads import RoIHeads
 from maskrcnn.rpn import RPN, flatten_level
 from maskrcnn.transforms import resize_to_model
@@ -679,23 +679,68 @@ def test_folded_backbone_equals_the_unfolded_torchvision_body():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_multiscale_roi_align_on_threads_equals_one_thread():
-    """Inference pools chunks of RoIs on torch's threads: bit-identical to one thread."""
+def _edge_case_rois(g: torch.Generator, n: int, width: float, height: float) -> Tensor:
+    """Random RoIs on 2 images plus ones that leave the map, sit on its far edge or are tiny."""
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) - 20
+    wh = torch.rand(n, 2, generator=g) * 90
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[:6] = torch.tensor(
+        [
+            [-40.0, -40.0, -30.0, -30.0],  # wholly outside: zeros
+            [-10.0, -10.0, 6.0, 5.0],  # straddles the top-left corner
+            [width - 3, height - 2, width + 30, height + 20],  # past the far edge
+            [50.0, 40.0, 50.0, 40.0],  # a point
+            [12.3, 7.7, 12.6, 8.1],  # under one feature pixel
+            [0.0, 0.0, width, height],  # the whole image
+        ]
+    )
+    index = torch.randint(0, 2, (n, 1), generator=g).float()
+    return torch.cat([index, boxes], 1)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_gathered_roi_align_equals_torchvision(aligned, sampling_ratio):
+    """Inference pools with one embedding_bag; torchvision's roi_align is the reference."""
+    g = torch.Generator().manual_seed(sampling_ratio + 10 * aligned)
+    feat = torch.randn(2, 8, 30, 45, generator=g)
+    rois = _edge_case_rois(g, 300, 180.0, 120.0)
+    for size in (7, 14):
+        want = roi_align(feat, rois, size, 0.25, sampling_ratio, aligned)
+        got = roi_align_gathered(feat, rois, size, 0.25, sampling_ratio, aligned)
+        assert got.shape == (300, size, size, 8)
+        torch.testing.assert_close(got.permute(0, 3, 1, 2), want, rtol=1e-5, atol=2e-6)
+    assert want[0].abs().max() == 0 and want[1:].abs().sum() > 0
+
+
+def test_gathered_roi_align_reads_bf16_channels_last_features_exactly():
+    # bf16 widens to fp32 exactly, so pooling bf16 maps must equal fp32 pooling of the
+    # widened maps: the fast mode's RoIAlign is still fp32 arithmetic.
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(2, 16, 30, 45, generator=g).bfloat16()
+    rois = _edge_case_rois(g, 200, 180.0, 120.0)
+    got = roi_align_gathered(
+        feat.contiguous(memory_format=torch.channels_last), rois, 7, 0.25, 2, False
+    )
+    assert got.dtype == torch.float32
+    want = roi_align(feat.float(), rois, 7, 0.25, 2, False)
+    torch.testing.assert_close(got.permute(0, 3, 1, 2), want, rtol=1e-5, atol=2e-6)
+
+
+def test_multiscale_roi_align_inference_equals_training_path():
+    """Without grad the FPN pooler gathers; with grad it runs torchvision's op: same values."""
     g = torch.Generator().manual_seed(5)
     feats = [torch.randn(2, 8, 64 // 2**i, 96 // 2**i, generator=g) for i in range(4)]
     xy = torch.rand(600, 2, generator=g) * torch.tensor([300.0, 200.0])
-    wh = torch.rand(600, 2, generator=g) * 120 + 2
+    wh = torch.rand(600, 2, generator=g) * 520 + 2
     boxes = torch.cat([xy, xy + wh], 1)
-    per_image = [boxes[:300], boxes[300:]]
-    sizes = [(256, 384), (250, 380)]
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                results.append(multiscale_roi_align(feats, per_image, sizes, 7, 2, False))
-    finally:
-        torch.set_num_threads(before)
-    assert results[0].abs().sum() > 0
-    assert torch.equal(results[0], results[1])
+    per_image, sizes = [boxes[:300], boxes[300:]], [(256, 384), (250, 380)]
+    with torch.inference_mode():
+        gathered = multiscale_roi_align(feats, per_image, sizes, 7, 2, False)
+    trained = multiscale_roi_align(
+        [f.requires_grad_() for f in feats], per_image, sizes, 7, 2, False
+    )
+    assert trained.requires_grad and not gathered.requires_grad
+    levels = assign_levels(boxes, 224, 4, 2, 5)
+    assert len(levels.unique()) == 4  # every level is read
+    torch.testing.assert_close(gathered, trained.detach(), rtol=1e-5, atol=2e-6)
