@@ -39,11 +39,14 @@ class BoxHead(nn.Module):
             self.fc7 = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.convs(x).flatten(1)
-        # The fc layers decide scores and boxes: fp32 even under bf16 autocast.
+        # fc6 (12544 -> 1024 per RoI) is most of the head's work: under autocast (fast
+        # mode) it runs in bf16 like the convolutions. The small fc7 and the predictor,
+        # which decide scores and boxes, stay fp32.
+        x = F.relu(self.fc6(self.convs(x).flatten(1))).float()
+        if self.fc7 is None:
+            return x
         with torch.autocast(x.device.type, enabled=False):
-            x = F.relu(self.fc6(x.float()))
-            return F.relu(self.fc7(x)) if self.fc7 is not None else x
+            return F.relu(self.fc7(x))
 
 
 class BoxPredictor(nn.Module):
