@@ -47,6 +47,22 @@ class MaskRCNN(nn.Module):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return self.backbone(batch)
 
+    def _padding_groups(self, sizes: list[tuple[int, int]], fast: bool) -> list[list[int]]:
+        """Indices of the images batched together.
+
+        fp32 pads the whole batch to its largest image, as torchvision does, so
+        results match it. Fast mode on CPU batches only images of the same padded
+        shape: a CPU pays for padding in full (12% more pixels when 4:3 and 3:2
+        images share a batch), and batching gains it nothing.
+        """
+        if not fast or self.device.type != "cpu":
+            return [list(range(len(sizes)))]
+        d = self.cfg.size_divisible
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            groups.setdefault((-(-h // d) * d, -(-w // d) * d), []).append(i)
+        return list(groups.values())
+
     def _autocast(self, fast: bool):
         if not fast:
             return contextlib.nullcontext()
@@ -119,18 +135,26 @@ class MaskRCNN(nn.Module):
                 if len(original_sizes) != len(images):
                     raise ValueError(f"{len(images)} images but {len(original_sizes)} sizes")
                 resized = [im.to(self.device, torch.float32) for im in images]
-            batch, sizes = batch_images(resized, self.cfg.size_divisible)
-            with self._autocast(fast):
-                feats = self._features(batch, fast)
-                proposals, _ = self.rpn(feats, batch.shape[-2:], sizes)
-                dets = self.roi_heads.detect(
-                    feats,
-                    proposals,
-                    sizes,
-                    score_threshold,
-                    max_detections,
-                    channels_last=self.cfg.channels_last or fast,
+            sizes = [(int(r.shape[-2]), int(r.shape[-1])) for r in resized]
+            dets: list[dict[str, Tensor]] = [{} for _ in resized]
+            for group in self._padding_groups(sizes, fast):
+                batch, group_sizes = batch_images(
+                    [resized[i] for i in group], self.cfg.size_divisible
                 )
+                with self._autocast(fast):
+                    feats = self._features(batch, fast)
+                    proposals, _ = self.rpn(feats, batch.shape[-2:], group_sizes)
+                    found = self.roi_heads.detect(
+                        feats,
+                        proposals,
+                        group_sizes,
+                        score_threshold,
+                        max_detections,
+                        channels_last=self.cfg.channels_last or fast,
+                    )
+                del feats
+                for i, det in zip(group, found):
+                    dets[i] = det
         finally:
             self.train(was_training)
         out = []
