@@ -1,13 +1,13 @@
 """RoIAlign on the FPN level chosen by box size (the paper's Eq. 1).
 
-Training uses torchvision's roi_align (it has the backward). Inference uses
-our gathered form of the same arithmetic: every output bin is a weighted sum
-of the (up to) 4 x grid x grid feature vectors its bilinear samples touch, so
-the whole pooling is one ``embedding_bag`` over a channels-last table of the
-level: vectorised over channels and spread over torch's threads, where
-torchvision's CPU kernel walks one channel plane at a time on one core. The
-sums are fp32 (bf16 features widen exactly) and agree with roi_align to
-float rounding.
+Training, and GPUs, use torchvision's roi_align (it has the backward). CPU
+inference uses our gathered form of the same arithmetic: every output bin is
+a weighted sum of the (up to) 4 x grid x grid feature vectors its bilinear
+samples touch, so the whole pooling is one ``embedding_bag`` over a
+channels-last table of the level: vectorised over channels and spread over
+torch's threads, where torchvision's CPU kernel walks one channel plane at a
+time on one core. The sums are fp32 (bf16 features widen exactly) and agree
+with roi_align to float rounding.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def multiscale_roi_align(
     )
     channels = feats[0].shape[1]
     needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
-    gathered = not needs_grad and sampling_ratio > 0
+    # On GPU torchvision's kernel is already parallel over outputs: keep it there.
+    on_cpu = feats[0].device.type == "cpu"
+    gathered = on_cpu and not needs_grad and sampling_ratio > 0
     n = output_size
     # The gathered kernel writes [R, n, n, C]; the result is that memory seen as [R, C, n, n].
     shape = (rois.shape[0], n, n, channels) if gathered else (rois.shape[0], channels, n, n)

@@ -194,8 +194,10 @@ class RoIHeads(nn.Module):
         score_thresh = cfg.box_score_thresh if score_thresh is None else score_thresh
         max_det = cfg.detections_per_img if max_detections is None else max_detections
         dtype = feats[0].dtype
-        # RoIAlign gathers fp32 channel vectors: lay P2..P5 out so once for both poolings.
-        pool_feats = [f.float().contiguous(memory_format=torch.channels_last) for f in feats[:4]]
+        # Lay P2..P5 out once for both poolings: fp32 channels-last for the CPU's
+        # gathered RoIAlign, fp32 NCHW for torchvision's GPU kernel.
+        layout = torch.channels_last if feats[0].device.type == "cpu" else torch.contiguous_format
+        pool_feats = [f.float().contiguous(memory_format=layout) for f in feats[:4]]
         pooled = self._pool(pool_feats, proposals, image_sizes, cfg.box_roi_size)
         logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
         probs = F.softmax(logits.float(), -1)
