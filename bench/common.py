@@ -49,20 +49,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def match_detections(
-    ref: dict[str, torch.Tensor],
-    out: dict[str, torch.Tensor],
-    box_iou_min: float = 0.99,
-    score_tol: float = 1e-3,
-    mask_iou_min: float = 0.97,
-) -> tuple[int, int]:
-    """(matched, total): ref detections with a same-label match in out (box IoU, score, mask IoU).
+def pair_detections(
+    ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each ref detection, its best same-label box in out: (box IoU, |score diff|, mask IoU).
 
-    Masks are bool [N, H, W] (or float probabilities thresholded at 0.5).
+    Each fp32 [N]. Masks are bool [N, H, W] (or float probabilities thresholded at 0.5).
+    Both sides need at least one detection.
     """
     n = len(ref["boxes"])
-    if n == 0 or len(out["boxes"]) == 0:
-        return 0, n
     iou = box_iou(ref["boxes"].float(), out["boxes"].float())
     iou = iou * (ref["labels"][:, None] == out["labels"][None, :])
     best, j = iou.max(1)
@@ -72,8 +67,22 @@ def match_detections(
     inter = (rm & om).sum(1).float()
     union = (rm | om).sum(1).float()
     mask_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    ok = (best >= box_iou_min) & ((ref["scores"] - out["scores"][j]).abs() <= score_tol)
-    ok &= mask_iou >= mask_iou_min
+    return best, (ref["scores"] - out["scores"][j]).abs(), mask_iou
+
+
+def match_detections(
+    ref: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+    box_iou_min: float = 0.99,
+    score_tol: float = 1e-3,
+    mask_iou_min: float = 0.97,
+) -> tuple[int, int]:
+    """(matched, total): ref detections with a same-label match in out (box IoU, score, mask IoU)."""
+    n = len(ref["boxes"])
+    if n == 0 or len(out["boxes"]) == 0:
+        return 0, n
+    box, score, mask = pair_detections(ref, out)
+    ok = (box >= box_iou_min) & (score <= score_tol) & (mask >= mask_iou_min)
     return int(ok.sum()), n
 
 

@@ -17,7 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved, match_detections, median, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    interleaved,
+    match_detections,
+    median,
+    pair_detections,
+    write_result,
+)
 from bench.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 from maskrcnn.checkpoint import from_torchvision  # noqa: E402
 
@@ -55,6 +61,20 @@ def main() -> None:
         for r, o in zip(fp32, fast)
     ]
     mfast_strict = [match_detections(r, o) for r, o in zip(fp32, fast)]
+    # Which parity criterion fast mode misses, each on its own (share of fp32 detections).
+    pairs = [
+        pair_detections(r, o) for r, o in zip(fp32, fast) if len(r["boxes"]) and len(o["boxes"])
+    ]
+    box, score, mask = (torch.cat(p) for p in zip(*pairs))
+    fast_criteria = {
+        "box_iou_0.99": float((box >= 0.99).float().mean()),
+        "box_iou_0.9": float((box >= 0.9).float().mean()),
+        "score_within_1e-3": float((score <= 1e-3).float().mean()),
+        "score_within_2e-2": float((score <= 2e-2).float().mean()),
+        "score_diff_median": float(score.median()),
+        "mask_iou_0.97": float((mask >= 0.97).float().mean()),
+        "mask_iou_median": float(mask.median()),
+    }
 
     times = interleaved(
         {
@@ -80,6 +100,7 @@ def main() -> None:
         "fp32_match_vs_torchvision": total(m32),
         "fast_match_vs_fp32_parity_criteria": total(mfast_strict),
         "fast_match_vs_fp32_loose": total(mfast),
+        "fast_vs_fp32_each_criterion": fast_criteria,
         "targets": {"fp32": 1.3, "fast": 3.0, "fast_match": 0.97},
     }
     path = write_result("model" if dev.type == "cpu" else "model_gpu", result)
