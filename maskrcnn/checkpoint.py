@@ -110,6 +110,45 @@ def read_metadata(data: bytes, uri: str = "checkpoint") -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
+def is_pickle(data: bytes) -> bool:
+    """True when ``data`` starts like a torch pickle (zip archive or pickle protocol 2..5)."""
+    return data[:4] in _PICKLE_MAGIC or data[:2] in _PICKLE_MAGIC
+
+
+def model_from_safetensors(
+    data: bytes, name: str, *, pickle_hint: str, torchvision_hint: str
+) -> MaskRCNN:
+    """A model (CPU, eval mode) from safetensors bytes written by :func:`save`.
+
+    Every failure is a CheckpointError whose message starts with ``name`` (the
+    file as the caller names it); a pickle is refused with ``pickle_hint`` (what
+    to do instead), a safetensors file without our config with
+    ``torchvision_hint`` (how to import torchvision weights there).
+    """
+    if is_pickle(data):
+        raise CheckpointError(
+            f"{name}: is a pickle file, which can run code when loaded; {pickle_hint}"
+        )
+    meta = read_metadata(data, name)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(
+            f"{name}: safetensors file without a maskrcnn config in its metadata "
+            f"({torchvision_hint})"
+        )
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, Exception) as exc:
+        raise CheckpointError(f"{name}: corrupted checkpoint ({exc})") from exc
+    model = MaskRCNN(MaskRCNNConfig.from_dict(json.loads(meta["config"])))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name}: weights do not fit the config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    return model.eval()
+
+
 def load(
     uri: str, map_location: str | torch.device = "cpu", allow_pickle: bool = False
 ) -> MaskRCNN:
@@ -119,38 +158,21 @@ def load(
     {"config": dict, "state_dict": ...} and loads with weights_only=True.
     """
     data = _read_bytes(uri)
-    if data[:4] in _PICKLE_MAGIC or data[:2] in _PICKLE_MAGIC:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{_redact(uri)}: is a pickle file; pickles can run code when loaded. "
-                "Convert it to safetensors, or pass allow_pickle=True if you trust it "
-                "(it is then loaded with weights_only=True)"
-            )
+    if allow_pickle and is_pickle(data):
         obj = _load_pickle_weights_only(data, uri)
         if not (isinstance(obj, dict) and "config" in obj and "state_dict" in obj):
             raise CheckpointError(f"{_redact(uri)}: pickle lacks 'config' and 'state_dict'")
         model = MaskRCNN(MaskRCNNConfig.from_dict(obj["config"]))
         model.load_state_dict(obj["state_dict"])
         return model.to(map_location).eval()
-    meta = read_metadata(data, _redact(uri))
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise CheckpointError(
-            f"{_redact(uri)}: safetensors file without a maskrcnn config in its metadata "
-            "(for torchvision weights use from_torchvision)"
-        )
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, Exception) as exc:
-        raise CheckpointError(f"{_redact(uri)}: corrupted checkpoint ({exc})") from exc
-    cfg = MaskRCNNConfig.from_dict(json.loads(meta["config"]))
-    model = MaskRCNN(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{_redact(uri)}: weights do not fit the config (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    return model.to(map_location).eval()
+    model = model_from_safetensors(
+        data,
+        _redact(uri),
+        pickle_hint="convert it to safetensors, or pass allow_pickle=True if you trust it "
+        "(it is then loaded with weights_only=True)",
+        torchvision_hint="for torchvision weights use from_torchvision",
+    )
+    return model.to(map_location)
 
 
 def model_id(model: MaskRCNN) -> str:
@@ -202,6 +224,29 @@ def coco_class_names() -> list[str]:
     return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 
+def torchvision_state_from_bytes(
+    data: bytes, name: str, allow_pickle: bool = True
+) -> dict[str, torch.Tensor]:
+    """A torchvision state dict from .pth (weights_only=True) or .safetensors bytes.
+
+    Unwraps a training checkpoint's {"model": state_dict}; CheckpointErrors name ``name``.
+    """
+    if is_pickle(data):
+        if not allow_pickle:
+            raise CheckpointError(f"{name}: pickle refused")
+        sd = _load_pickle_weights_only(data, name)
+    else:
+        try:
+            sd = st_load(data)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{name}: neither a torch pickle nor safetensors ({exc})"
+            ) from exc
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    return sd
+
+
 def from_torchvision(
     state_dict_or_path: dict[str, torch.Tensor] | str,
     variant: str = "v1",
@@ -218,20 +263,9 @@ def from_torchvision(
     if variant not in ("v1", "v2"):
         raise ValueError(f"variant must be 'v1' or 'v2', got {variant!r}")
     if isinstance(state_dict_or_path, str):
-        data = _read_bytes(state_dict_or_path)
-        if data[:4] in _PICKLE_MAGIC or data[:2] in _PICKLE_MAGIC:
-            if not allow_pickle:
-                raise CheckpointError(f"{_redact(state_dict_or_path)}: pickle refused")
-            sd = _load_pickle_weights_only(data, state_dict_or_path)
-        else:
-            try:
-                sd = st_load(data)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"{_redact(state_dict_or_path)}: neither a torch pickle nor safetensors ({exc})"
-                ) from exc
-        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]
+        sd = torchvision_state_from_bytes(
+            _read_bytes(state_dict_or_path), _redact(state_dict_or_path), allow_pickle
+        )
     else:
         sd = state_dict_or_path
     key = "roi_heads.box_predictor.cls_score.weight"
