@@ -50,6 +50,24 @@ def _reason(stage: str, exc: BaseException) -> str:
     return f"{stage}: {first[:200]}"
 
 
+def _image_state(batch: pa.Table) -> tuple[list, list, list, list]:
+    """The per-image status, error, width and height of ``batch`` as lists a stage updates."""
+    return tuple(batch.column(k).to_pylist() for k in ("status", "error", "width", "height"))
+
+
+def _image_columns(
+    uri: pa.Array | pa.ChunkedArray, status: list, error: list, width: list, height: list
+) -> dict:
+    """The columns every stage's output starts with: uri, status, error, width, height."""
+    return {
+        "uri": uri,
+        "status": pa.array(status, pa.string()),
+        "error": pa.array(error, pa.string()),
+        "width": pa.array(width, pa.int32()),
+        "height": pa.array(height, pa.int32()),
+    }
+
+
 def read_bytes(uri: str, options: dict[str, Any] | None) -> bytes:
     """The bytes at ``uri``, retrying transient storage errors with backoff."""
     from pipeline.commit import retrying
@@ -110,11 +128,7 @@ def read_and_decode(
         image_h[i], image_w[i] = int(chw.shape[1]), int(chw.shape[2])
     return pa.table(
         {
-            "uri": pa.array(uris, pa.string()),
-            "status": pa.array(status, pa.string()),
-            "error": pa.array(error, pa.string()),
-            "width": pa.array(width, pa.int32()),
-            "height": pa.array(height, pa.int32()),
+            **_image_columns(pa.array(uris, pa.string()), status, error, width, height),
             "image": pa.array(images, pa.large_binary()),
             "image_h": pa.array(image_h, pa.int32()),
             "image_w": pa.array(image_w, pa.int32()),
@@ -165,10 +179,7 @@ class Segmenter:
         import torch
 
         n = batch.num_rows
-        status = batch.column("status").to_pylist()
-        error = batch.column("error").to_pylist()
-        width = batch.column("width").to_pylist()
-        height = batch.column("height").to_pylist()
+        status, error, width, height = _image_state(batch)
         ok = [i for i in range(n) if status[i] == "ok"]
         dtype = torch.float32 if self.resized_on_cpu else torch.uint8
         blobs = batch.column("image")
@@ -216,11 +227,7 @@ def _detections_table(batch, status, error, width, height, ok, outputs) -> pa.Ta
             counts[i] = size
     return pa.table(
         {
-            "uri": batch.column("uri"),
-            "status": pa.array(status, pa.string()),
-            "error": pa.array(error, pa.string()),
-            "width": pa.array(width, pa.int32()),
-            "height": pa.array(height, pa.int32()),
+            **_image_columns(batch.column("uri"), status, error, width, height),
             "n": pa.array(counts, pa.int32()),
             **{key: pa.array(values, pa.large_binary()) for key, values in fields.items()},
         }
@@ -237,10 +244,7 @@ def encode_rows(
     from pipeline.rle import encode_masks
 
     n_rows = batch.num_rows
-    status = batch.column("status").to_pylist()
-    error = batch.column("error").to_pylist()
-    width = batch.column("width").to_pylist()
-    height = batch.column("height").to_pylist()
+    status, error, width, height = _image_state(batch)
     counts = batch.column("n").to_pylist()
     cols = {k: batch.column(k) for k in ("boxes", "scores", "labels", "mask_probs")}
     per_row: list[tuple | None] = [None] * n_rows
@@ -278,11 +282,7 @@ def encode_rows(
     instances = _instances_array(per_row, class_names)
     return pa.table(
         {
-            "uri": batch.column("uri"),
-            "status": pa.array(status, pa.string()),
-            "error": pa.array(error, pa.string()),
-            "width": pa.array(width, pa.int32()),
-            "height": pa.array(height, pa.int32()),
+            **_image_columns(batch.column("uri"), status, error, width, height),
             "instances": instances,
             "model": pa.array([model_id] * n_rows, pa.string()),
         },
