@@ -51,6 +51,17 @@ def _compressed(mask: np.ndarray) -> dict:
     return {"size": [H, W], "counts": rle["counts"].decode("ascii")}
 
 
+def _ann(ann_id: int, image_id: int, category_id: int, segmentation, **fields) -> dict:
+    """A COCO annotation; ``fields`` adds bbox, area, iscrowd where the case has them."""
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        **fields,
+    }
+
+
 def _png(pixels: np.ndarray, **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", **save)
@@ -88,53 +99,19 @@ def build_fixture() -> tuple[dict[str, bytes], dict]:
         {"id": 6, "file_name": "imgs/e.png", "width": W, "height": H},
     ]
     anns = [
-        {
-            "id": 10,
-            "image_id": 1,
-            "category_id": 42,
-            "segmentation": [_poly(2, 10, 3, 15)],
-            "bbox": [3, 2, 12, 8],
-            "area": 96,
-            "iscrowd": 0,
-        },
-        {
-            "id": 11,
-            "image_id": 1,
-            "category_id": 3,
-            "segmentation": [_poly(12, 16, 1, 5), _poly(20, 30, 30, 38)],
-            "iscrowd": 0,
-        },
-        {
-            "id": 12,
-            "image_id": 1,
-            "category_id": 7,
-            "segmentation": _uncompressed(m_unc),
-            "bbox": [19.5, 4.5, 5, 21],
-            "iscrowd": 0,
-        },
-        {
-            "id": 13,
-            "image_id": 1,
-            "category_id": 3,
-            "segmentation": _compressed(m_crowd),
-            "iscrowd": 1,
-        },
+        _ann(10, 1, 42, [_poly(2, 10, 3, 15)], bbox=[3, 2, 12, 8], area=96, iscrowd=0),
+        _ann(11, 1, 3, [_poly(12, 16, 1, 5), _poly(20, 30, 30, 38)], iscrowd=0),
+        _ann(12, 1, 7, _uncompressed(m_unc), bbox=[19.5, 4.5, 5, 21], iscrowd=0),
+        _ann(13, 1, 3, _compressed(m_crowd), iscrowd=1),
         # bad ones: each kind once
-        {
-            "id": 14,
-            "image_id": 1,
-            "category_id": 7,
-            "segmentation": [_poly(2, 4, 2, 4)],
-            "bbox": [2, 2, 0, 2],
-            "iscrowd": 0,
-        },
-        {"id": 15, "image_id": 1, "category_id": 7, "segmentation": [], "iscrowd": 0},
-        {"id": 16, "image_id": 1, "category_id": 99, "segmentation": [_poly(2, 4, 2, 4)]},
+        _ann(14, 1, 7, [_poly(2, 4, 2, 4)], bbox=[2, 2, 0, 2], iscrowd=0),
+        _ann(15, 1, 7, [], iscrowd=0),
+        _ann(16, 1, 99, [_poly(2, 4, 2, 4)]),
         # annotations of the missing and broken images
-        {"id": 17, "image_id": 3, "category_id": 7, "segmentation": [_poly(2, 4, 2, 4)]},
-        {"id": 18, "image_id": 4, "category_id": 7, "segmentation": [_poly(2, 4, 2, 4)]},
-        {"id": 19, "image_id": 6, "category_id": 42, "segmentation": _compressed(m_cmp)},
-        {"id": 20, "image_id": 5, "category_id": 7, "segmentation": _uncompressed(m_poly)},
+        _ann(17, 3, 7, [_poly(2, 4, 2, 4)]),
+        _ann(18, 4, 7, [_poly(2, 4, 2, 4)]),
+        _ann(19, 6, 42, _compressed(m_cmp)),
+        _ann(20, 5, 7, _uncompressed(m_poly)),
     ]
     files["annotations.json"] = json.dumps(
         {"images": images, "annotations": anns, "categories": CATEGORIES}
