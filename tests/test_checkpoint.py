@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from model_inputs import smooth_noise_images
 from safetensors.torch import save_file
 from torch_threads import one_thread  # noqa: F401
 
@@ -42,12 +42,7 @@ def model() -> MaskRCNN:
 
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for h, w in [(96, 140), (120, 100)]:
-        noise = torch.randint(0, 256, (1, 3, h, w), generator=g).float()
-        out.append(F.avg_pool2d(noise, 5, 1, 2)[0].to(torch.uint8))
-    return out
+    return smooth_noise_images([(96, 140), (120, 100)], seed=3)
 
 
 @pytest.fixture(scope="module")

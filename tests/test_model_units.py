@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from model_inputs import smooth_noise_images
 from torch import Tensor, nn
 from torch_threads import one_thread  # noqa: F401
 from torchvision.models.detection._utils import BoxCoder
@@ -518,12 +518,7 @@ def random_tiny_model(tiny_cfg) -> MaskRCNN:
 
 @pytest.fixture(scope="module")
 def contract_images() -> list[Tensor]:
-    g = torch.Generator().manual_seed(2)
-    images = []
-    for h, w in [(100, 150), (130, 90)]:
-        noise = torch.randint(0, 256, (1, 3, h, w), generator=g).float()
-        images.append(F.avg_pool2d(noise, 5, 1, 2)[0].to(torch.uint8))
-    return images
+    return smooth_noise_images([(100, 150), (130, 90)], seed=2)
 
 
 @pytest.fixture(scope="module")
