@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.args import positive_int
+
 HELP = "run the whole loop locally: shapes data, train, evaluate, segment, query, render"
 
 QUERIES = [
@@ -44,34 +46,24 @@ QUERIES = [
 ]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", default="demo", metavar="DIR", help="where everything goes (default ./demo)"
     )
     p.add_argument(
-        "--train-images", type=_positive_int, default=300, help="training images (default 300)"
+        "--train-images", type=positive_int, default=300, help="training images (default 300)"
     )
     p.add_argument(
-        "--val-images", type=_positive_int, default=50, help="images evaluated (default 50)"
+        "--val-images", type=positive_int, default=50, help="images evaluated (default 50)"
     )
     p.add_argument(
-        "--train-iters", type=_positive_int, default=500, help="training iterations (default 500)"
+        "--train-iters", type=positive_int, default=500, help="training iterations (default 500)"
     )
     p.add_argument(
-        "--images", type=_positive_int, default=100, help="fresh images to segment (default 100)"
+        "--images", type=positive_int, default=100, help="fresh images to segment (default 100)"
     )
     p.add_argument(
-        "--size", type=_positive_int, default=128, help="image side in pixels (default 128)"
+        "--size", type=positive_int, default=128, help="image side in pixels (default 128)"
     )
 
 

@@ -4,48 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.args import actors, non_negative, positive_int, score
+
 HELP = "segment every image under INPUT into a Parquet dataset at OUTPUT (Ray Data, exactly once)"
-
-
-def _actors(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0]:
-        raise argparse.ArgumentTypeError(
-            f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}"
-        )
-    return parts[0], parts[1]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _score(text: str) -> float:
-    value = _non_negative(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a score in 0..1, got {text!r}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,33 +30,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torchvision weights variant (default v1)",
     )
     p.add_argument(
-        "--num-classes", type=_positive_int, help="class count the torchvision weights must have"
+        "--num-classes", type=positive_int, help="class count the torchvision weights must have"
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=4, help="images per model call (default 4)"
+        "--batch-size", type=positive_int, default=4, help="images per model call (default 4)"
     )
     p.add_argument(
-        "--actors", type=_actors, help="model actors: N or MIN,MAX (default: one per GPU, else 1)"
+        "--actors", type=actors, help="model actors: N or MIN,MAX (default: one per GPU, else 1)"
     )
     p.add_argument(
-        "--gpus-per-actor", type=_non_negative, help="default 1 when the cluster has GPUs, else 0"
+        "--gpus-per-actor", type=non_negative, help="default 1 when the cluster has GPUs, else 0"
     )
     p.add_argument(
-        "--cpus-per-actor", type=_non_negative, help="default 1 with GPUs, else half the CPUs"
+        "--cpus-per-actor", type=non_negative, help="default 1 with GPUs, else half the CPUs"
     )
     p.add_argument(
         "--score-threshold",
-        type=_score,
+        type=score,
         help="keep detections scoring at least this (model default)",
     )
     p.add_argument(
-        "--max-detections", type=_positive_int, help="at most this many detections per image"
+        "--max-detections", type=positive_int, help="at most this many detections per image"
     )
-    p.add_argument("--fast", action="store_true", help="bf16 autocast and channels-last (CPU and GPU); scores move by ~1e-3..1e-2")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="bf16 autocast and channels-last (CPU and GPU); scores move by ~1e-3..1e-2",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
     p.add_argument(
         "--rows-per-part",
-        type=_positive_int,
+        type=positive_int,
         default=500,
         help="images per Parquet file, also the most work a killed run loses (default 500)",
     )
