@@ -20,7 +20,6 @@ bench/results/bad_data.json and prints a table. Never run as a test.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import platform
@@ -35,7 +34,13 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from bench.common import write_result  # noqa: E402
 from bench.mixed_data import HUGE_SIZES, write_clean_set, write_mixed_set  # noqa: E402
-from bench.pipeline_bench import timed_segment  # noqa: E402
+from bench.pipeline_bench import (  # noqa: E402
+    init_ray,
+    model_or_tiny,
+    parse_segment_args,
+    segment_bench_parser,
+    timed_segment,
+)
 
 TARGET_RATIO = 0.8
 
@@ -60,27 +65,13 @@ def segment_run(input_dir: Path, output: Path, model_path: str, args) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = segment_bench_parser(__doc__)
     p.add_argument("--images", type=int, default=300, help="images in each set")
     p.add_argument("--repeats", type=int, default=3, help="runs per set (median), interleaved")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=None, help="default: half the CPUs")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs Ray may use")
-    p.add_argument("--rows-per-part", type=int, default=100)
-    p.add_argument("--model", help="maskrcnn checkpoint (default: the tiny preset, seed 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixed set")
-    args = p.parse_args()
-    if args.cpus_per_actor is None:
-        args.cpus_per_actor = float(max(1, args.cpus // 2))
+    args = parse_segment_args(p)
 
     import ray
-    import torch
-
-    from maskrcnn import MaskRCNN, MaskRCNNConfig
-    from maskrcnn.checkpoint import save
 
     work = Path(tempfile.mkdtemp(prefix="bad-data-bench-"))
     t0 = time.perf_counter()
@@ -90,19 +81,8 @@ def main() -> int:
     print(f"made {args.images} mixed {dict(kinds)} + {args.images} clean images in "
           f"{time.perf_counter() - t0:.0f}s under {work}")  # fmt: skip
 
-    if args.model:
-        model_path = args.model
-    else:
-        torch.manual_seed(0)
-        model_path = str(work / "tiny.safetensors")
-        save(MaskRCNN(MaskRCNNConfig.preset("tiny", num_classes=4)), model_path)
-
-    ray.init(
-        num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    model_path = model_or_tiny(args.model, work)
+    init_ray(args.cpus)
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {"clean": [], "mixed": []}
     for r in range(args.repeats):

@@ -65,6 +65,53 @@ def model_alone(model, paths: list[Path], batch_size: int, fast: bool) -> dict:
     return {"images_per_s": len(images) / seconds, "seconds": seconds, "instances": instances}
 
 
+def segment_bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a segment benchmark (``doc`` its help text), holding the options
+    timed_segment(), model_or_tiny() and init_ray() read."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="default: half the CPUs")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs Ray may use")
+    p.add_argument("--rows-per-part", type=int, default=100)
+    p.add_argument("--model", help="maskrcnn checkpoint (default: the tiny preset, seed 0)")
+    return p
+
+
+def parse_segment_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """``p.parse_args()`` with --cpus-per-actor's default (half of --cpus) filled in."""
+    args = p.parse_args()
+    if args.cpus_per_actor is None:
+        args.cpus_per_actor = float(max(1, args.cpus // 2))
+    return args
+
+
+def model_or_tiny(model: str | None, work: Path) -> str:
+    """``model`` when given, else a fresh tiny-preset checkpoint (seed 0) saved under ``work``."""
+    if model:
+        return model
+    import torch
+
+    from maskrcnn import MaskRCNN, MaskRCNNConfig
+    from maskrcnn.checkpoint import save
+
+    torch.manual_seed(0)
+    path = str(work / "tiny.safetensors")
+    save(MaskRCNN(MaskRCNNConfig.preset("tiny", num_classes=4)), path)
+    return path
+
+
+def init_ray(cpus: int) -> None:
+    """A local Ray instance for the benchmark: no dashboard, worker logs or progress bars."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    DataContext.get_current().enable_progress_bars = False
+
+
 def timed_segment(
     input_uri: str, output: Path, model_path: str, args, fast: bool = False
 ) -> tuple[dict, float, TreeMonitor]:
@@ -113,30 +160,19 @@ def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = segment_bench_parser(__doc__)
     p.add_argument("--images", type=int, default=1000, help="images in the throughput runs")
     p.add_argument("--mem-images", type=int, default=100, help="1x for the memory ratio (10x too)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="throughput runs per side (median)")
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=None, help="default: half the CPUs")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs Ray may use")
-    p.add_argument("--rows-per-part", type=int, default=100)
     p.add_argument("--fast", action="store_true")
-    p.add_argument("--model", help="maskrcnn checkpoint (default: the tiny preset, seed 0)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
-    args = p.parse_args()
-    if args.cpus_per_actor is None:
-        args.cpus_per_actor = float(max(1, args.cpus // 2))
+    args = parse_segment_args(p)
 
     import ray
     import torch
 
-    from maskrcnn import MaskRCNN, MaskRCNNConfig
-    from maskrcnn.checkpoint import load, save
+    from maskrcnn.checkpoint import load
 
     work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     total = max(args.images, 10 * args.mem_images)
@@ -152,21 +188,11 @@ def main() -> int:
         lists[name] = work / f"{name}.txt"
         lists[name].write_text("".join(f"{q}\n" for q in paths[:count]))
 
-    if args.model:
-        model_path = args.model
-    else:
-        torch.manual_seed(0)
-        model_path = str(work / "tiny.safetensors")
-        save(MaskRCNN(MaskRCNNConfig.preset("tiny", num_classes=4)), model_path)
+    model_path = model_or_tiny(args.model, work)
     model = load(model_path).eval()
     torch.set_num_threads(int(args.cpus_per_actor))  # the model alone gets the actor's threads
 
-    ray.init(
-        num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    init_ray(args.cpus)
     load_before = os.getloadavg()
     alone, pipe = [], []
     for r in range(args.repeats):
