@@ -235,30 +235,27 @@ def bench_quality(args) -> dict:
     return result
 
 
+# (flag, type, default, help) of the benchmark's options with a value.
+OPTIONS = [
+    ("--batch", int, 8, "speed: images per step"),
+    ("--steps", int, 3, "speed: steps per timed repeat"),
+    ("--repeats", int, 5, None),
+    ("--threads", int, 1, "speed: torch threads (1: stable on a shared machine)"),
+    ("--minutes", float, 20.0, "quality: wall-time budget"),
+    ("--iters", int, 1400, "quality: iterations (default 1400: about 17 minutes at 11 images/s)"),
+    ("--batch-size", int, 4, "quality: images per worker"),
+    ("--lr", float, 0.02, None),
+    ("--data-dir", str, str(REPO / "bench/data/shapes-2000-128"), None),
+    ("--run-dir", str, str(REPO / "bench/data/runs"), None),
+]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="only the speed part (default: both)")
     p.add_argument("--quality", action="store_true", help="only the quality part")
-    p.add_argument("--batch", type=int, default=8, help="speed: images per step")
-    p.add_argument("--steps", type=int, default=3, help="speed: steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="speed: torch threads (1: stable on a shared machine)",
-    )
-    p.add_argument("--minutes", type=float, default=20.0, help="quality: wall-time budget")
-    p.add_argument(
-        "--iters",
-        type=int,
-        default=1400,
-        help="quality: iterations (default 1400: about 17 minutes at 11 images/s)",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="quality: images per worker")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--data-dir", default=str(REPO / "bench/data/shapes-2000-128"))
-    p.add_argument("--run-dir", default=str(REPO / "bench/data/runs"))
+    for flag, kind, default, text in OPTIONS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     args = p.parse_args()
     both = not (args.speed or args.quality)
     path = RESULTS / "train.json"
