@@ -34,6 +34,7 @@ from pipeline.commit import (
     now_iso,
     spec_mismatches,
 )
+from pipeline.inputs import list_inputs
 from pipeline.lease import Lease
 from pipeline.model_source import ModelSource, load_model
 from pipeline.schema import MANIFEST_NAME
@@ -142,6 +143,8 @@ def segment(
     if opts.rows_per_part < 1:
         raise ValueError(f"--rows-per-part must be at least 1, got {opts.rows_per_part}")
     out = OutputDir(output_uri, opts.output_options)
+    # INPUT first: a typo in it fails in a moment, before the model is read and Ray starts.
+    listed = _list_if_planning(out, input_uri, opts)
     model, model_bytes = load_model(source, opts.model_options)
     from maskrcnn.checkpoint import model_id
 
@@ -178,7 +181,7 @@ def segment(
     try:
         if opts.overwrite:
             out.clear()
-        spec, plan, sources = _plan(out, spec, input_uri, opts, log)
+        spec, plan, sources = _plan(out, spec, input_uri, listed, opts, log)
         import ray
 
         if not ray.is_initialized():
@@ -192,15 +195,32 @@ def segment(
     return summary
 
 
-def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str], dict | None]:
-    """(spec, plan, sources): read back on resume, else listed and written now.
+def _list_if_planning(out: OutputDir, input_uri: str, opts: SegmentOptions) -> list[str] | None:
+    """INPUT's image URIs (pipeline.inputs.list_inputs) when this run will plan anew: with
+    --overwrite, or when OUTPUT holds neither a finished run nor a plan to resume. None
+    otherwise: those runs list INPUT only when _plan needs it, as they always did.
+
+    Raises what list_inputs raises (FileNotFoundError, ValueError, OSError naming INPUT).
+    """
+    if not opts.overwrite and (
+        out.exists(MANIFEST_NAME) or (out.exists(SPEC_NAME) and out.exists(PLAN_NAME))
+    ):
+        return None
+    return list_inputs(input_uri, opts.input_options)
+
+
+def _plan(out, spec, input_uri, listed, opts, log) -> tuple[dict[str, Any], list[str], dict | None]:
+    """(spec, plan, sources): read back on resume, else made from ``listed`` (INPUT's URIs,
+    listed now when None) and written now.
 
     The plan holds each image's key: its URI redacted (pipeline.storage.redact),
     which is also the ``uri`` column, so that signed-URL parameters are never
     stored. ``sources`` maps key -> the URI to read when the two differ (None
     when no URI carried secrets); on resume it comes from listing INPUT again.
     """
-    from pipeline.inputs import list_inputs
+
+    def listing() -> list[str]:
+        return listed if listed is not None else list_inputs(input_uri, opts.input_options)
 
     old = out.read_json(SPEC_NAME)
     if old is not None and out.exists(PLAN_NAME):
@@ -213,7 +233,7 @@ def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str], d
         plan = out.read_plan()
         sources = None
         if old.get("sources_redacted"):
-            sources = _sources(list_inputs(input_uri, opts.input_options))
+            sources = _sources(listing())
             if set(sources) != set(plan):
                 raise OutputStateError(
                     f"INPUT {redact(input_uri)} now lists other images than when the run in "
@@ -226,7 +246,7 @@ def _plan(out, spec, input_uri, opts, log) -> tuple[dict[str, Any], list[str], d
             f"OUTPUT {out.show()} holds part files but no run state; pass --overwrite to "
             "replace them"
         )
-    sources = _sources(list_inputs(input_uri, opts.input_options))
+    sources = _sources(listing())
     plan = sorted(sources)
     out.write_plan(plan)
     redacted = any(key != uri for key, uri in sources.items())

@@ -22,6 +22,9 @@ CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
 CASES = [
     ("segment-missing-input", ["segment", "{R}/nowhere", "{R}/o1", "--model", "{R}/m4.st"],
      ["INPUT {R}/nowhere", "no such folder or prefix"], ["o1"]),
+    # INPUT is checked before the model is read: its error, not the model's.
+    ("segment-missing-input-and-model", ["segment", "{R}/nowhere", "{R}/o7", "--model",
+     "{R}/nomodel.st"], ["INPUT {R}/nowhere", "no such folder or prefix"], ["o7"]),
     ("segment-empty-prefix", ["segment", "{R}/empty", "{R}/o2", "--model", "{R}/m4.st"],
      ["INPUT {R}/empty holds no image", ".jpg"], ["o2"]),
     ("segment-missing-model", ["segment", "{R}/shapes/train/images", "{R}/o3", "--model",
