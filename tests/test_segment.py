@@ -19,8 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, VENV_BIN
+from conftest import REPO
+from local_http import static_files_server
 from PIL import Image
+from proc import kill_group, maskrcnn_process
 
 from pipeline.decode import decode_image
 from pipeline.model_source import ModelSource
@@ -300,20 +302,8 @@ def test_complete_output_kept_other_model_refused_overwrite_replaces(
 @pytest.fixture
 def http_server(tmp_path):
     """A static file server on loopback over tmp_path/www (query strings ignored)."""
-    import functools
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    root = tmp_path / "www"
-    root.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with static_files_server(tmp_path / "www") as served:
+        yield served
 
 
 def test_signed_urls_are_read_but_never_stored_or_logged(
@@ -395,25 +385,9 @@ def test_model_actor_killed_mid_run_still_exactly_once(
 
 
 def _cli(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen(
-        [str(VENV_BIN / "maskrcnn"), "segment", *args],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=REPO,
-        start_new_session=True,  # its own group: the Ray processes it starts go with it
+    return maskrcnn_process(
+        ["segment", *args], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT
     )
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
@@ -445,7 +419,7 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
         os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-run
         first.wait()
     finally:
-        _kill_group(first)
+        kill_group(first)
     committed = sorted(p.name for p in out.glob("part-*.parquet"))
     committed_uris = [
         u for p in committed for u in pq.read_table(out / p).column("uri").to_pylist()
@@ -465,7 +439,7 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
     try:
         rerun.wait(timeout=300)
     finally:
-        _kill_group(rerun)
+        kill_group(rerun)
     log = (tmp_path / "rerun.log").read_text()
     assert rerun.returncode == 0, log[-3000:]
     assert (

@@ -11,10 +11,9 @@ finishes, and the output holds each input exactly once.
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pyarrow.parquet as pq
-from conftest import REPO, VENV_BIN
+from proc import kill_group, maskrcnn_process
 from test_segment import make_images, tiny_model, write_local
 
 from pipeline.schema import MANIFEST_NAME, committed_files, read_manifest
@@ -33,24 +32,9 @@ def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path):
     save(tiny_model(0), model)
     uris = write_local(tmp_path / "in", make_images(12, seed=31, odd=False))
     out = tmp_path / "out"
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [str(VENV_BIN / "maskrcnn"), "segment", str(tmp_path / "in"), str(out), "--model",
-            model, "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2",
-            "--rows-per-part", "2"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
+    args = ["segment", str(tmp_path / "in"), str(out), "--model", model, "--actors", "1",
+            "--cpus-per-actor", "1", "--batch-size", "2", "--rows-per-part", "2"]  # fmt: skip
+    procs = [maskrcnn_process(args, cwd=tmp_path) for _ in range(2)]
     results = []
     try:
         for p in procs:
@@ -59,8 +43,7 @@ def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path):
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
+                kill_group(p)
     print("concurrent segment runs:", [(rc, err.strip()[-160:]) for rc, _, err in results])
     finished = [r for r in results if r[0] == 0]
     assert finished, [r[2][-2000:] for r in results]

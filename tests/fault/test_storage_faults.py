@@ -10,17 +10,14 @@ or the Parquet files.
 
 from __future__ import annotations
 
-import functools
-import os
 import subprocess
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, VENV_BIN
+from local_http import static_files_server
+from proc import kill_group, maskrcnn_process
 from s3_proxy import FlakyS3Proxy
 from test_segment import make_images, tiny_model, write_local, write_s3
 
@@ -41,26 +38,14 @@ def model_path(tmp_path_factory) -> str:
 
 
 def _segment(args: list[str], env_extra: dict[str, str], cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update(env_extra)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen(
-        [str(VENV_BIN / "maskrcnn"), "segment", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-    )
+    return maskrcnn_process(["segment", *args], cwd=cwd, env_extra=env_extra)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"segment hung:\n{out[-2000:]}\n{err[-2000:]}") from None
     return proc.returncode, out, err
@@ -166,18 +151,8 @@ def test_permanent_storage_failures_stop_before_any_row(s3_server, s3_bucket, mo
 @pytest.fixture
 def signed_url_server(tmp_path):
     """Static files over HTTP on loopback (query strings ignored, like a signed URL's host)."""
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(Quiet, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with static_files_server(tmp_path / "www") as served:
+        yield served
 
 
 def test_signed_urls_and_credentials_stay_out_of_logs_manifest_and_parquet(
