@@ -1,13 +1,16 @@
-"""A static file server on loopback: stands in for a signed URL's host."""
+"""A static file server on loopback (stands in for a signed URL's host), as a fixture.
+
+Use it in a test module with ``from local_http import http_server_fixture  # noqa: F401``
+and a test parameter ``http_server``.
+"""
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+
+import pytest
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -15,15 +18,14 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def static_files_server(root: Path) -> Iterator[tuple[Path, str]]:
-    """(root, base URL): files under ``root`` (made here) at base URL; query strings ignored."""
+@pytest.fixture(name="http_server")
+def http_server_fixture(tmp_path):
+    """(root, base URL): files under tmp_path/www served at base URL; query strings ignored."""
+    root = tmp_path / "www"
     root.mkdir()
     server = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root))
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REPO
-from local_http import static_files_server
+from local_http import http_server_fixture  # noqa: F401
 from PIL import Image
 from proc import kill_group, maskrcnn_process
 
@@ -297,13 +297,6 @@ def test_complete_output_kept_other_model_refused_overwrite_replaces(
     fs.invalidate_cache()
     parts = sorted(p.rsplit("/", 1)[1] for p in fs.ls(out, detail=False) if "part-" in p)
     assert parts == sorted(manifest["files"])  # the first run's parts are gone
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A static file server on loopback over tmp_path/www (query strings ignored)."""
-    with static_files_server(tmp_path / "www") as served:
-        yield served
 
 
 def test_signed_urls_are_read_but_never_stored_or_logged(

@@ -16,7 +16,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from local_http import static_files_server
+from local_http import http_server_fixture  # noqa: F401
 from proc import kill_group, maskrcnn_process
 from s3_proxy import FlakyS3Proxy
 from test_segment import make_images, tiny_model, write_local, write_s3
@@ -148,19 +148,12 @@ def test_permanent_storage_failures_stop_before_any_row(s3_server, s3_bucket, mo
     assert not fs.exists("no-such-bucket-fault"), "the missing bucket was created"
 
 
-@pytest.fixture
-def signed_url_server(tmp_path):
-    """Static files over HTTP on loopback (query strings ignored, like a signed URL's host)."""
-    with static_files_server(tmp_path / "www") as served:
-        yield served
-
-
 def test_signed_urls_and_credentials_stay_out_of_logs_manifest_and_parquet(
-    s3_server, s3_bucket, model_path, tmp_path, signed_url_server
+    s3_server, s3_bucket, model_path, tmp_path, http_server
 ):
     """From the CLI, to an S3 OUTPUT, with credentials in the environment (the in-process,
     local-output case is tests/test_segment.py::test_signed_urls_are_read_but_never_stored_or_logged)."""
-    root, base = signed_url_server
+    root, base = http_server
     files = make_images(3, seed=23, odd=False)
     write_local(root, files)
     query = f"X-Amz-Credential={SECRET_KEY_ID}&X-Amz-Signature={SIGNATURE}&X-Amz-Expires=60"
