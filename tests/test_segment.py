@@ -462,8 +462,12 @@ def test_cli_errors_are_one_line(tmp_path, models, capsys):
         f"maskrcnn segment: error: INPUT {tmp_path / 'nowhere'}: no such folder or prefix"
     ]
     assert not (tmp_path / "out").exists()  # nothing left behind
-    rc = main(["segment", str(tmp_path), str(tmp_path / "o2"), "--model", str(tmp_path / "no.st")])
+    # With a good INPUT, a missing model is the error (INPUT is checked first).
+    images = tmp_path / "images"
+    write_local(images, make_images(1, odd=False))
+    rc = main(["segment", str(images), str(tmp_path / "o2"), "--model", str(tmp_path / "no.st")])
     assert rc == 2 and "no.st: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 if __name__ == "__main__":
