@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, VENV_BIN
+from conftest import VENV_BIN
+from proc import kill_group, maskrcnn_process
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import load, model_id
@@ -49,25 +50,9 @@ def shapes(tmp_path_factory) -> Path:
 
 def start_train(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     """`maskrcnn train ARGS` in its own session (so its Ray processes can be cleaned up)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.Popen(
-        [str(VENV_BIN / "maskrcnn"), "train", *args],
-        cwd=cwd,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return maskrcnn_process(
+        ["train", *args], cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
-
-
-def stop_session(proc: subprocess.Popen) -> None:
-    """Kill whatever is left of the session the CLI started (its local Ray daemons)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def wait_for(
@@ -152,7 +137,7 @@ def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
         os.kill(victim["pid"], signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
-        stop_session(proc)
+        kill_group(proc)
     text = log.read_text()
 
     # Both workers were restarted, from the same registered checkpoint.
@@ -219,7 +204,7 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
-        stop_session(proc)
+        kill_group(proc)
     stopped_at = registered_checkpoint(read_text)
     assert stopped_at and stopped_at % 4 == 0 and stopped_at < last_logged
     assert not (run / "model.safetensors").exists()
@@ -229,7 +214,7 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     try:
         assert proc.wait(timeout=300) == 0, again_log.read_text()[-3000:]
     finally:
-        stop_session(proc)
+        kill_group(proc)
     text = again_log.read_text()
     assert_resumed(text, stopped_at, 24)
     assert "finished at iteration 24" in text

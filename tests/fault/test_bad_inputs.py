@@ -7,13 +7,12 @@ at a time to keep the suite fast.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN
+from proc import kill_group, maskrcnn_process
 
 CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
 
@@ -86,17 +85,13 @@ DEBUG_CASES = ["segment-missing-input", "train-malformed-annotations", "query-mi
 
 
 def _maskrcnn(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,  # a stray default output (metrics.json) would land here, not in the repo
-        timeout=300,
-    )
+    # cwd: a stray default output (metrics.json) would land there, not in the repo.
+    proc = maskrcnn_process(argv, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
