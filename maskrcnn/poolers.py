@@ -56,7 +56,8 @@ def _samples_1d(start: Tensor, length: Tensor, bins: int, grid: int, size: int):
     g = torch.arange(grid, dtype=torch.float32, device=start.device)[None, None, :]
     pos = start[:, None, None] + b * step + (g + 0.5) * step / grid
     on_map = (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0)
+    # A NaN coordinate (a broken model) reads nothing, instead of an index out of range.
+    pos = pos.clamp(min=0).nan_to_num(nan=0.0)
     low = pos.floor()
     at_edge = low >= size - 1
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)

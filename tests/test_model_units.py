@@ -728,6 +728,15 @@ def test_gathered_roi_align_reads_bf16_channels_last_features_exactly():
     torch.testing.assert_close(got.permute(0, 3, 1, 2), want, rtol=1e-5, atol=2e-6)
 
 
+def test_gathered_roi_align_pools_nan_boxes_as_zeros():
+    feat = torch.randn(1, 4, 20, 20)
+    rois = torch.tensor([[0.0, 8.0, 8.0, 40.0, 40.0], [0.0, float("nan"), 8.0, 40.0, 40.0]])
+    got = roi_align_gathered(feat, rois, 7, 0.25, 2, False)
+    want = roi_align(feat, rois[:1], 7, 0.25, 2, False)
+    torch.testing.assert_close(got[:1].permute(0, 3, 1, 2), want)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
 def test_multiscale_roi_align_inference_equals_training_path():
     """Without grad the FPN pooler gathers; with grad it runs torchvision's op: same values."""
     g = torch.Generator().manual_seed(5)
