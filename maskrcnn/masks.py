@@ -75,8 +75,8 @@ def paste_masks(
     or the float32 probabilities when threshold is None.
 
     Work is done only inside each box's window: masks are grouped by window
-    size into chunks of bounded memory, resized into a window that fits the
-    image, and written back with one indexed store per chunk.
+    size (powers of two) into chunks of bounded memory, resized into a window
+    that fits the image, and written back with one indexed store per chunk.
     """
     n = mask_probs.shape[0]
     dtype = torch.float32 if threshold is None else torch.bool
@@ -96,30 +96,31 @@ def paste_masks(
     y1 = y0 + (y1 - y0 + 1).clamp(min=1) - 1
     sx, ex = _windows(x0, x1, width)
     sy, ey = _windows(y0, y1, height)
-    order = torch.argsort(ey * ex)
-    start = 0
-    while start < n:
-        # Grow the chunk while its padded window stays within the memory bound.
-        end = start + 1
-        hmax, wmax = int(ey[order[start]]), int(ex[order[start]])
-        while end < n:
-            h2, w2 = max(hmax, int(ey[order[end]])), max(wmax, int(ex[order[end]]))
-            if (end - start + 1) * max(h2, 1) * max(w2, 1) > PASTE_CHUNK_ELEMENTS:
-                break
-            hmax, wmax, end = h2, w2, end + 1
-        idx = order[start:end]
-        start = end
-        if hmax == 0 or wmax == 0:
-            continue
-        # A window of the chunk's size that holds each box's visible part and fits the image.
-        wy = torch.minimum(sy[idx], torch.tensor(height - hmax))
-        wx = torch.minimum(sx[idx], torch.tensor(width - wmax))
-        rows = wy[:, None] + torch.arange(hmax, device=wy.device)[None, :]
-        cols = wx[:, None] + torch.arange(wmax, device=wx.device)[None, :]
-        local = _resize_window(padded[idx], y0[idx], y1[idx], x0[idx], x1[idx], rows, cols, m + 2)
-        if threshold is not None:
-            local = local > threshold
-        out[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = local
+    # Masks whose windows are alike share a chunk: bucket by the power of two at or above
+    # each side (a loop over buckets and chunks, not over detections).
+    visible = torch.nonzero((ey > 0) & (ex > 0)).squeeze(1)
+    if visible.numel() == 0:
+        return out
+    powers = 2 ** torch.arange(32, device=ey.device)
+    key = torch.searchsorted(powers, ey[visible]) * 32 + torch.searchsorted(powers, ex[visible])
+    buckets, which = torch.unique(key, return_inverse=True)
+    for b in range(len(buckets)):
+        members = visible[which == b]
+        hmax, wmax = int(ey[members].max()), int(ex[members].max())
+        per_chunk = max(1, PASTE_CHUNK_ELEMENTS // (hmax * wmax))
+        for idx in members.split(per_chunk):
+            # A window of the chunk's size that holds each box's visible part and fits
+            # the image; the pixels a box gets do not depend on the window's size.
+            wy = torch.minimum(sy[idx], torch.tensor(height - hmax))
+            wx = torch.minimum(sx[idx], torch.tensor(width - wmax))
+            rows = wy[:, None] + torch.arange(hmax, device=wy.device)[None, :]
+            cols = wx[:, None] + torch.arange(wmax, device=wx.device)[None, :]
+            local = _resize_window(
+                padded[idx], y0[idx], y1[idx], x0[idx], x1[idx], rows, cols, m + 2
+            )
+            if threshold is not None:
+                local = local > threshold
+            out[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = local
     return out
 
 

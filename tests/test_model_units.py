@@ -498,8 +498,13 @@ def test_paste_masks_equals_torchvision_paste_thresholded(monkeypatch):
     soft = paste_masks(probs, boxes, h, w, threshold=None)
     assert soft.dtype == torch.float32 and torch.allclose(soft, ref, atol=1e-5)
     # Pasting in small chunks gives the same pixels.
-    monkeypatch.setattr(mask_ops, "PASTE_CHUNK_ELEMENTS", h * w * 7)
-    assert torch.equal(paste_masks(probs, boxes, h, w, threshold=0.5), ours)
+    for budget in (h * w * 7, 1):  # several masks per chunk; one mask per chunk
+        monkeypatch.setattr(mask_ops, "PASTE_CHUNK_ELEMENTS", budget)
+        assert torch.equal(paste_masks(probs, boxes, h, w, threshold=0.5), ours)
+    # A box wholly outside the image pastes nothing and leaves the others as they were.
+    outside = torch.cat([boxes[:3], torch.tensor([[w + 5.0, 2.0, w + 30.0, 20.0]])])
+    got = paste_masks(probs[:4], outside, h, w, threshold=0.5)
+    assert not got[3].any() and torch.equal(got[:3], ours[:3])
 
 
 # --- predict's contract ------------------------------------------------------------------------------
