@@ -12,7 +12,7 @@ from maskrcnn.backbone import Backbone
 from maskrcnn.config import MaskRCNNConfig
 from maskrcnn.roi_heads import RoIHeads
 from maskrcnn.rpn import RPN
-from maskrcnn.transforms import batch_images, resize_to_model, to_float_image
+from maskrcnn.transforms import batch_images, padded_size, resize_to_model, to_float_image
 
 
 class MaskRCNN(nn.Module):
@@ -57,10 +57,9 @@ class MaskRCNN(nn.Module):
         """
         if not fast or self.device.type != "cpu":
             return [list(range(len(sizes)))]
-        d = self.cfg.size_divisible
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (h, w) in enumerate(sizes):
-            groups.setdefault((-(-h // d) * d, -(-w // d) * d), []).append(i)
+            groups.setdefault(padded_size(h, w, self.cfg.size_divisible), []).append(i)
         return list(groups.values())
 
     def _autocast(self, fast: bool):

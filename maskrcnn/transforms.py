@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,14 +63,18 @@ def resize_to_model(image: Tensor, cfg: MaskRCNNConfig) -> Tensor:
     )[0]
 
 
+def padded_size(h: int, w: int, size_divisible: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of size_divisible: the padded shape of a batch."""
+    return -(-h // size_divisible) * size_divisible, -(-w // size_divisible) * size_divisible
+
+
 def batch_images(images: list[Tensor], size_divisible: int) -> tuple[Tensor, list[tuple[int, int]]]:
     """Zero-pad model inputs [3, h, w] into one [B, 3, H, W] batch (multiples of size_divisible).
 
     Returns the batch and each image's (h, w) inside it.
     """
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    h = int(math.ceil(max(s[0] for s in sizes) / size_divisible) * size_divisible)
-    w = int(math.ceil(max(s[1] for s in sizes) / size_divisible) * size_divisible)
+    h, w = padded_size(max(s[0] for s in sizes), max(s[1] for s in sizes), size_divisible)
     batch = images[0].new_zeros((len(images), 3, h, w))
     for i, im in enumerate(images):
         batch[i, :, : im.shape[-2], : im.shape[-1]] = im
