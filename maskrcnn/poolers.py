@@ -44,6 +44,20 @@ def level_scales(feats: list[Tensor], batch_shape: tuple[int, int]) -> list[floa
     return [2.0 ** round(math.log2(f.shape[-2] / batch_shape[0])) for f in feats]
 
 
+def _gathers_on(device: torch.device) -> bool:
+    """Whether inference pools with roi_align_gathered here: CPUs only. On GPU
+    torchvision's kernel is already parallel over outputs, so GPUs keep it."""
+    return device.type == "cpu"
+
+
+def inference_maps(feats: list[Tensor]) -> list[Tensor]:
+    """P2..P5 laid out once for all inference poolings of a batch: fp32, channels-last
+    where the gathered kernel reads them, NCHW for torchvision's kernel."""
+    cpu = _gathers_on(feats[0].device)
+    layout = torch.channels_last if cpu else torch.contiguous_format
+    return [f.float().contiguous(memory_format=layout) for f in feats]
+
+
 def _samples_1d(start: Tensor, length: Tensor, bins: int, grid: int, size: int):
     """Bilinear taps along one axis, as roi_align places them.
 
@@ -138,9 +152,7 @@ def multiscale_roi_align(
     )
     channels = feats[0].shape[1]
     needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
-    # On GPU torchvision's kernel is already parallel over outputs: keep it there.
-    on_cpu = feats[0].device.type == "cpu"
-    gathered = on_cpu and not needs_grad and sampling_ratio > 0
+    gathered = _gathers_on(feats[0].device) and not needs_grad and sampling_ratio > 0
     n = output_size
     # The gathered kernel writes [R, n, n, C]; the result is that memory seen as [R, C, n, n].
     shape = (rois.shape[0], n, n, channels) if gathered else (rois.shape[0], channels, n, n)

@@ -18,7 +18,7 @@ from maskrcnn.anchors import (
 from maskrcnn.backbone import conv_block
 from maskrcnn.config import MaskRCNNConfig
 from maskrcnn.masks import mask_targets
-from maskrcnn.poolers import multiscale_roi_align
+from maskrcnn.poolers import inference_maps, multiscale_roi_align
 
 
 class BoxHead(nn.Module):
@@ -194,10 +194,7 @@ class RoIHeads(nn.Module):
         score_thresh = cfg.box_score_thresh if score_thresh is None else score_thresh
         max_det = cfg.detections_per_img if max_detections is None else max_detections
         dtype = feats[0].dtype
-        # Lay P2..P5 out once for both poolings: fp32 channels-last for the CPU's
-        # gathered RoIAlign, fp32 NCHW for torchvision's GPU kernel.
-        layout = torch.channels_last if feats[0].device.type == "cpu" else torch.contiguous_format
-        pool_feats = [f.float().contiguous(memory_format=layout) for f in feats[:4]]
+        pool_feats = inference_maps(feats[:4])  # laid out once for both poolings
         pooled = self._pool(pool_feats, proposals, image_sizes, cfg.box_roi_size)
         logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
         probs = F.softmax(logits.float(), -1)
