@@ -11,6 +11,16 @@ from typing import IO
 from conftest import REPO, VENV_BIN
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment for a child process: this checkout importable, and RAY_ADDRESS
+    dropped so that the child runs its own embedded Ray, not the tests' instance."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra or {})
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def maskrcnn_process(
     args: list[str],
     *,
@@ -22,22 +32,30 @@ def maskrcnn_process(
     """``maskrcnn ARGS`` from this checkout, started in its own process group.
 
     Its own group, so :func:`kill_group` also ends the Ray processes it starts;
-    RAY_ADDRESS is dropped so it runs on its own embedded Ray, not the tests'.
-    Pipes are text.
+    its environment is :func:`child_env`. Pipes are text.
     """
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update(env_extra or {})
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
         [str(VENV_BIN / "maskrcnn"), *args],
         stdout=stdout,
         stderr=stderr,
         text=True,
-        env=env,
+        env=child_env(env_extra),
         cwd=cwd,
         start_new_session=True,
     )
+
+
+def run_maskrcnn(
+    args: list[str], *, cwd: Path | str, timeout: float
+) -> subprocess.CompletedProcess:
+    """``maskrcnn ARGS`` to its end (text output captured), then whatever it left in its
+    process group killed."""
+    proc = maskrcnn_process(args, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def kill_group(proc: subprocess.Popen) -> None:

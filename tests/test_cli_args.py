@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from proc import child_env
 
 from jobs.args import actors, non_negative, positive_int, score
 from jobs.cli import main as cli_main
@@ -96,11 +95,13 @@ def test_the_commands_use_them(argv, message, capsys):
 
 def _fresh_python(code: str, cwd: Path) -> dict:
     """Run ``code`` in a new interpreter (the repo importable); its last stdout line, as JSON."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=cwd,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,13 +4,12 @@ every step leaves its output, and a second run reuses them instead of redoing th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, VENV_BIN
+from conftest import REPO
+from proc import run_maskrcnn
 
 from pipeline.schema import committed_files, read_manifest
 
@@ -21,16 +20,8 @@ SMALL += ["--size", "64"]
 
 
 def _demo(workdir, timeout: float) -> tuple[str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
-    result = subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), "demo", "--workdir", str(workdir), *SMALL],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    result = run_maskrcnn(["demo", "--workdir", str(workdir), *SMALL], cwd=REPO, timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output, time.monotonic() - started

@@ -13,7 +13,6 @@ the windowed RLE encoding.
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, VENV_BIN
+from conftest import REPO
 from PIL import Image
+from proc import kill_group, maskrcnn_process
 from pycocotools import mask as mask_utils
 from test_segment import tiny_model
 
@@ -52,25 +52,16 @@ def model_path(tmp_path_factory) -> str:
 
 def _segment_cli(input_dir: Path, output: Path, model: str, log: Path) -> tuple[int, TreeMonitor]:
     """Run `maskrcnn segment` (its own local Ray) to the end; (exit code, its tree's monitor)."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [str(VENV_BIN / "maskrcnn"), "segment", str(input_dir), str(output), "--model", model,
+    argv = ["segment", str(input_dir), str(output), "--model", model,
             "--score-threshold", "0", "--max-detections", str(MAX_DETECTIONS),
             "--batch-size", "4", "--rows-per-part", "50"]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-        )
+        proc = maskrcnn_process(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
             with TreeMonitor(proc.pid, interval=0.1) as monitor:
                 proc.wait(timeout=600)
         finally:
-            try:
-                os.killpg(proc.pid, 9)  # whatever Ray left behind in its group
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            kill_group(proc)  # whatever Ray left behind in its group
     return proc.returncode, monitor
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from proc import kill_group, maskrcnn_process
+from proc import run_maskrcnn
 
 CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
 
@@ -86,12 +86,7 @@ DEBUG_CASES = ["segment-missing-input", "train-malformed-annotations", "query-mi
 
 def _maskrcnn(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     # cwd: a stray default output (metrics.json) would land there, not in the repo.
-    proc = maskrcnn_process(argv, cwd=cwd)
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        kill_group(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_maskrcnn(argv, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
