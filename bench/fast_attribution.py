@@ -37,7 +37,8 @@ def _bf16(on: bool):
 @torch.inference_mode()
 def detect(model, images: list[torch.Tensor], bf16: set[str]) -> list[dict[str, torch.Tensor]]:
     """Detections in resized-image pixels, with autocast on in the parts named in ``bf16``."""
-    batch, sizes = batch_images([resize_to_model(im, model.cfg) for im in images], 32)
+    resized = [resize_to_model(im, model.cfg) for im in images]
+    batch, sizes = batch_images(resized, model.cfg.size_divisible)
     batch = batch.contiguous(memory_format=torch.channels_last)
     with _bf16("body" in bf16):
         feats = model.backbone.body(batch)
