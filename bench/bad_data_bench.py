@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bad_data_bench.py [--images 300] [--repeats 3] ...
 
-The mixed set (bench/mixed_data.py) holds about 10% broken files of every kind the
+The mixed set (tests/helpers/mixed_data.py) holds about 10% broken files of every kind the
 segment tests use, one file of each odd mode, huge images (sides 10x to 54x the
 tiny preset's max_size; one past the decompression-bomb limit), tiny ones (1x1,
 2x3, 5x5) and ordinary shapes pictures; the clean set, as many ordinary pictures.
@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from bench.common import write_result  # noqa: E402
-from bench.mixed_data import HUGE_SIZES, write_clean_set, write_mixed_set  # noqa: E402
 from bench.pipeline_bench import (  # noqa: E402
     init_ray,
     model_or_tiny,
@@ -41,6 +40,7 @@ from bench.pipeline_bench import (  # noqa: E402
     segment_bench_parser,
     timed_segment,
 )
+from tests.helpers.mixed_data import HUGE_SIZES, write_clean_set, write_mixed_set  # noqa: E402
 
 TARGET_RATIO = 0.8
 

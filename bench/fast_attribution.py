@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchvision.ops import box_iou  # noqa: E402
 
 from bench.common import write_result  # noqa: E402
-from bench.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 from maskrcnn.checkpoint import from_torchvision  # noqa: E402
 from maskrcnn.transforms import batch_images, resize_to_model  # noqa: E402
+from tests.helpers.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 
 PARTS = ("body", "fpn", "rpn", "heads")
 

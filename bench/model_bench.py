@@ -24,8 +24,8 @@ from bench.common import (  # noqa: E402
     pair_detections,
     write_result,
 )
-from bench.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 from maskrcnn.checkpoint import from_torchvision  # noqa: E402
+from tests.helpers.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 
 
 def main() -> None:

@@ -32,11 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from bench.proctree import TreeMonitor  # noqa: E402
+from tests.helpers.proctree import TreeMonitor  # noqa: E402
 
 
 def make_images(root: Path, count: int, size: int) -> list[Path]:
-    from pipeline.shapes import _png_bytes, iter_shapes
+    from pipeline.formats.shapes import _png_bytes, iter_shapes
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -52,7 +52,7 @@ def model_alone(model, paths: list[Path], batch_size: int, fast: bool) -> dict:
     """predict() over pre-decoded images; decoding is not timed."""
     import torch
 
-    from pipeline.decode import decode_image
+    from pipeline.formats.decode import decode_image
 
     images = [torch.from_numpy(decode_image(p.read_bytes())).permute(2, 0, 1) for p in paths]
     model.predict(images[:batch_size], fast=fast)  # warm-up, as the actors' first batch
@@ -117,8 +117,8 @@ def timed_segment(
 ) -> tuple[dict, float, TreeMonitor]:
     """One ``segment()`` run with the benchmark's options: (summary, seconds, its
     process tree's TreeMonitor). Ray must be started already."""
-    from pipeline.model_source import ModelSource
-    from pipeline.segment import SegmentOptions, segment
+    from pipeline.segment.driver import SegmentOptions, segment
+    from pipeline.segment.model_source import ModelSource
 
     opts = SegmentOptions(
         batch_size=args.batch_size,

@@ -103,7 +103,7 @@ def torchvision_tiny() -> torch.nn.Module:
 
 def shapes_batches(count: int, batch: int, size: int = 128) -> list[tuple[list, list]]:
     """``count`` batches of shapes images with targets (uint8 images, torchvision targets)."""
-    from pipeline.shapes import iter_shapes
+    from pipeline.formats.shapes import iter_shapes
 
     samples = []
     for s in iter_shapes(count * batch, size, seed=11):

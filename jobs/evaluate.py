@@ -59,10 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.cli import UsageError
-    from jobs.export_coco import write_text
-    from pipeline.coco_results import load_coco_json
-    from pipeline.evaluate import coco_evaluate, evaluate_output
-    from pipeline.storage import redact
+    from pipeline.output.coco_results import load_coco_json
+    from pipeline.output.evaluate import coco_evaluate, evaluate_output
+    from pipeline.storage import redact, write_text
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
     report: dict = {"annotations": redact(args.annotations)}
     if args.predictions:
-        from pipeline.results import open_results
+        from pipeline.output.results import open_results
 
         results = open_results(args.predictions, storage_options_for(args, args.predictions))
         metrics, stats = evaluate_output(results, annotations, summary_out=sys.stdout)
@@ -111,7 +110,7 @@ def _run_model(args: argparse.Namespace, annotations: dict) -> tuple[list, list,
 
     from jobs.cli import UsageError
     from maskrcnn.checkpoint import load
-    from pipeline.evaluate import predict_coco_results
+    from pipeline.output.evaluate import predict_coco_results
     from pipeline.storage import redact
 
     if args.device == "auto":

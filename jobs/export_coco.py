@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from jobs.query import add_storage_arguments, storage_options_for
 
@@ -41,26 +40,26 @@ def sidecar_uri(results_uri: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.coco_results import (
+    from pipeline.output.coco_results import (
         ExportStats,
         load_coco_json,
         output_categories,
         output_coco_results,
         output_image_ids,
     )
-    from pipeline.results import open_results
-    from pipeline.storage import redact
+    from pipeline.output.results import open_results
+    from pipeline.storage import redact, write_json_list, write_text
 
     results = open_results(args.output, storage_options_for(args, args.output))
     stats = ExportStats()
     if args.annotations:
         annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
         rows = output_coco_results(results, annotations, stats=stats)
-        written = _write_json_list(args.results, rows, storage_options_for(args, args.results))
+        written = write_json_list(args.results, rows, storage_options_for(args, args.results))
     else:
         ids, images = output_image_ids(results)
         rows = output_coco_results(results, image_ids=ids, stats=stats)
-        written = _write_json_list(args.results, rows, storage_options_for(args, args.results))
+        written = write_json_list(args.results, rows, storage_options_for(args, args.results))
         mapping = {"images": images, "categories": output_categories(results), "annotations": []}
         side = sidecar_uri(args.results)
         write_text(side, json.dumps(mapping), storage_options_for(args, side))
@@ -71,34 +70,3 @@ def run(args: argparse.Namespace) -> int:
         f"export-coco: wrote {written} detections of {stats.images} images to {redact(args.results)}"
     )
     return 0
-
-
-def _write_json_list(uri: str, items: Any, options: dict[str, Any]) -> int:
-    """Stream ``items`` as a JSON array to ``uri``; returns how many were written."""
-    from pipeline.storage import get_fs
-
-    fs, path = get_fs(uri, options)
-    _make_parent(fs, path)
-    n = 0
-    with fs.open(path, "w") as f:
-        f.write("[")
-        for item in items:
-            f.write(("\n" if n == 0 else ",\n") + json.dumps(item, separators=(",", ":")))
-            n += 1
-        f.write("\n]\n" if n else "]\n")
-    return n
-
-
-def write_text(uri: str, text: str, options: dict[str, Any]) -> None:
-    from pipeline.storage import get_fs
-
-    fs, path = get_fs(uri, options)
-    _make_parent(fs, path)
-    with fs.open(path, "w") as f:
-        f.write(text)
-
-
-def _make_parent(fs: Any, path: str) -> None:
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)

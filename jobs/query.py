@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import duckdb
     import pyarrow as pa
 
-    from pipeline.results import open_results
+    from pipeline.output.results import open_results
 
     results = open_results(args.output, storage_options_for(args, args.output))
     con = results.connect()

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jobs.cli import UsageError
     from jobs.query import sql_error
-    from pipeline.results import open_results
+    from pipeline.output.results import open_results
     from pipeline.storage import get_fs, join, redact
 
     if args.limit < 1:
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _overlay_name(uri: str) -> str:
-    from pipeline.render import overlay_name
+    from pipeline.output.render import overlay_name
 
     return overlay_name(uri)
 
@@ -91,8 +91,8 @@ def _full(fs, path: str) -> str:
 
 def _render_one(row: dict, target: str, out_fs, args: argparse.Namespace) -> None:
     """Read, decode and draw one image's detections; write the PNG to ``target``."""
-    from pipeline.decode import decode_image
-    from pipeline.render import draw_detections, png_bytes
+    from pipeline.formats.decode import decode_image
+    from pipeline.output.render import draw_detections, png_bytes
     from pipeline.storage import get_fs
 
     uri = row["uri"]

@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.model_source import ModelSource
-    from pipeline.segment import SegmentOptions, segment
+    from pipeline.segment.driver import SegmentOptions, segment
+    from pipeline.segment.model_source import ModelSource
     from pipeline.storage import storage_options
 
     anon = True if args.anon else None

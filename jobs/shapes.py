@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline import storage
-    from pipeline.shapes import make_shapes_dataset
+    from pipeline.formats.shapes import make_shapes_dataset
 
     # Bad counts or size raise ValueError: the CLI prints one line and exits 2.
     options = storage.storage_options(args.output, endpoint_url=args.endpoint_url)

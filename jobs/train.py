@@ -139,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.train import TrainOptions, train
+    from pipeline.train.driver import TrainOptions, train
 
     fields = TrainOptions.__dataclass_fields__
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})

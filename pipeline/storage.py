@@ -7,9 +7,13 @@ module in a printable form: use :func:`redact` on any URI before logging it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from typing import Any
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -97,3 +101,91 @@ def redact(uri: str) -> str:
 def looks_secret(text: str) -> bool:
     """True when ``text`` contains something that looks like a signed-URL parameter."""
     return bool(_SECRET_QUERY.search(text))
+
+
+# --- retries and writes ---------------------------------------------------------------
+T = TypeVar("T")
+
+# Errors that retrying cannot fix: raise them at once.
+PERMANENT_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+)
+
+
+def retrying(fn: Callable[..., T], *args: Any, what: str = "", attempts: int = 5) -> T:
+    """``fn(*args)`` retried with exponential backoff on transient storage errors.
+
+    Anything but PERMANENT_ERRORS counts as transient (throttling, connection
+    resets, timeouts: storage clients raise many types for these).
+    """
+    delay = 0.2
+    for attempt in range(attempts):
+        try:
+            return fn(*args)
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as exc:
+            if attempt == attempts - 1:
+                raise OSError(f"{what}: {exc}" if what else str(exc)) from exc
+            time.sleep(delay)  # backoff before the next try
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+def atomic_write(uri: str, data: bytes, options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``uri`` so that readers see all of it or nothing.
+
+    Local: a temp file beside the target, fsynced, then renamed over it. Object
+    stores: one PUT (retried), which shows the whole object or none.
+    """
+    fs, path = get_fs(uri, options)
+    if protocol_of(uri) == "file":
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    retrying(fs.pipe_file, path, data, what=f"writing {redact(uri)}")
+
+
+def write_text(uri: str, text: str, options: dict[str, Any] | None = None) -> None:
+    """``text`` as UTF-8 at ``uri``, atomically."""
+    atomic_write(uri, text.encode(), options)
+
+
+def write_json(uri: str, value: Any, options: dict[str, Any] | None = None) -> None:
+    """``value`` as JSON at ``uri``, atomically."""
+    write_text(uri, json.dumps(value), options)
+
+
+def write_json_list(uri: str, items: Iterable[Any], options: dict[str, Any] | None = None) -> int:
+    """Stream ``items`` as a JSON array (one item a line) to ``uri``; returns the count.
+
+    Streamed rather than built in memory: a results list can outgrow it. Not atomic:
+    the file is only ever a result for the user, never read back by a job.
+    """
+    fs, path = get_fs(uri, options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    n = 0
+    with fs.open(path, "w") as f:
+        f.write("[")
+        for item in items:
+            f.write(("\n" if n == 0 else ",\n") + json.dumps(item, separators=(",", ":")))
+            n += 1
+        f.write("\n]\n" if n else "]\n")
+    return n

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_inputs import smooth_noise_images
+from helpers.model_inputs import smooth_noise_images
+from helpers.torch_threads import one_thread  # noqa: F401
 from safetensors.torch import save_file
-from torch_threads import one_thread  # noqa: F401
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import (

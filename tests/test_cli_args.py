@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from proc import child_env
+from helpers.proc import child_env
 
 from jobs.args import actors, non_negative, positive_int, score
 from jobs.cli import main as cli_main
@@ -167,7 +167,7 @@ print(json.dumps({{"results": results, "imported": heavy}}))
 
 def test_bad_input_with_overwrite_keeps_the_finished_output(tmp_path):
     """--overwrite replaces OUTPUT only once INPUT is known good: a typo loses nothing."""
-    from outputs_fixture import ok_row, write_output
+    from helpers.outputs_fixture import ok_row, write_output
 
     done = tmp_path / "done"
     write_output(str(done), [ok_row(str(tmp_path / "x.png"), 8, 8, [])])

@@ -1,4 +1,4 @@
-"""pipeline.coco: the COCO reader on small fixtures written here (local, memory://, s3://)."""
+"""pipeline.formats.coco: the COCO reader on small fixtures written here (local, memory://, s3://)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.coco import CocoDataset
+from pipeline.formats.coco import CocoDataset
 
 H, W = 32, 40  # not square, so a transposed mask or image shows
 CATEGORIES = [  # sparse ids, listed out of order: labels follow sorted ids 3, 7, 42
@@ -166,7 +166,7 @@ def check_samples(ds: CocoDataset, expected: dict) -> None:
 
 def test_reads_polygons_rles_crowd_and_counts_bad_ones(fixture_dir, caplog):
     root, expected = fixture_dir
-    with caplog.at_level(logging.WARNING, logger="pipeline.coco"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.formats.coco"):
         ds = CocoDataset(str(root))
     (line,) = [r.getMessage() for r in caplog.records]  # one line for the whole JSON
     assert line.endswith(
@@ -179,7 +179,7 @@ def test_reads_polygons_rles_crowd_and_counts_bad_ones(fixture_dir, caplog):
     assert ds.label_to_category_id == {1: 3, 2: 7, 3: 42}
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.coco"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.formats.coco"):
         check_samples(ds, expected)
         assert ds[ds.image_ids.index(4)] is None  # remembered: no second warning
     (line,) = [r.getMessage() for r in caplog.records]

@@ -11,8 +11,9 @@ import time
 import pyarrow as pa
 import pytest
 
-import pipeline.lease as lease_mod
-from pipeline.commit import (
+import pipeline.segment.lease as lease_mod
+from pipeline.output.schema import MANIFEST_NAME, SCHEMA, read_manifest
+from pipeline.segment.commit import (
     LOCK_NAME,
     PLAN_NAME,
     SPEC_NAME,
@@ -21,10 +22,9 @@ from pipeline.commit import (
     encode_part,
     finalize,
     part_name,
-    retrying,
 )
-from pipeline.lease import Lease
-from pipeline.schema import MANIFEST_NAME, SCHEMA, read_manifest
+from pipeline.segment.lease import Lease
+from pipeline.storage import retrying
 
 
 def rows(uris: list[str], errors: set[str] = frozenset(), instances: int = 2) -> pa.Table:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_image
+from pipeline.formats.decode import DecodeError, decode_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

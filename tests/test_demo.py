@@ -9,9 +9,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-from proc import run_maskrcnn
+from helpers.proc import run_maskrcnn
 
-from pipeline.schema import committed_files, read_manifest
+from pipeline.output.schema import committed_files, read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 from conftest import VENV_BIN
-from outputs_fixture import (
+from helpers.outputs_fixture import (
     CATEGORIES,
     CLASS_NAMES,
     coco_ground_truth,
@@ -25,9 +25,9 @@ from outputs_fixture import (
 )
 from pycocotools.coco import COCO
 
-from pipeline.coco_results import ImageMatcher, predictions_to_coco_results
-from pipeline.evaluate import coco_evaluate, ground_truth, predict_coco_results
-from pipeline.results import open_results
+from pipeline.output.coco_results import ImageMatcher, predictions_to_coco_results
+from pipeline.output.evaluate import coco_evaluate, ground_truth, predict_coco_results
+from pipeline.output.results import open_results
 
 H, W = 64, 80
 
@@ -326,7 +326,7 @@ def test_coco_loadres_accepts_ground_truth_object(gt_and_output):
     gt, gt_path, out = gt_and_output
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(gt_path))
-    from pipeline.coco_results import output_coco_results
+    from pipeline.output.coco_results import output_coco_results
 
     dets = list(output_coco_results(open_results(str(out)), gt))
     metrics = coco_evaluate(coco, dets)
@@ -341,7 +341,7 @@ def shapes_and_model(tmp_path_factory):
     from maskrcnn.checkpoint import save
     from maskrcnn.config import MaskRCNNConfig
     from maskrcnn.model import MaskRCNN
-    from pipeline.shapes import make_shapes_dataset
+    from pipeline.formats.shapes import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("model_eval")
     make_shapes_dataset(str(root / "ds"), images=3, size=64, seed=0)
@@ -357,7 +357,7 @@ def test_evaluate_model_checkpoint_matches_library_path(shapes_and_model, tmp_pa
     import torch
 
     from maskrcnn.checkpoint import load
-    from pipeline.decode import decode_image
+    from pipeline.formats.decode import decode_image
 
     root = shapes_and_model
     ann = root / "ds" / "train" / "annotations.json"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs import list_inputs
+from pipeline.segment.inputs import list_inputs
 
 IMAGES = ["a.jpg", "b.JPEG", "sub/c.png", "sub/deeper/d.TIF", "e.tiff", "f.bmp", "g.WebP", "h.gif"]
 OTHERS = ["notes.txt", "sub/data.json", "x.jpg.bak", "Makefile", "sub/deeper/y.parquet"]

@@ -10,16 +10,16 @@ import time
 import urllib.error
 import urllib.request
 
-import cluster_fixture
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cluster_fixture import LocalRayCluster
 from conftest import REPO
+from helpers import cluster_fixture
+from helpers.cluster_fixture import LocalRayCluster
 
-from pipeline.schema import SCHEMA, committed_files, read_manifest
-from pipeline.shapes import make_shapes_dataset
+from pipeline.formats.shapes import make_shapes_dataset
+from pipeline.output.schema import SCHEMA, committed_files, read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import torch
+from helpers.torch_threads import one_thread  # noqa: F401
 from torch import Tensor
-from torch_threads import one_thread  # noqa: F401
 from torchvision.ops import box_iou, masks_to_boxes
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig

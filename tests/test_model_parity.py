@@ -10,7 +10,7 @@ give dozens of detections per image with masks that are not flat, then
 converted with from_torchvision. Both sides run at the same image size,
 proposal count, score threshold and detection cap.
 
-The weights are calibrated to behave like trained ones (bench/reference.py):
+The weights are calibrated to behave like trained ones (tests/helpers/reference.py):
 a raw random ResNet-50 is chaotic (0.1% of input noise grows to ~13% at C5),
 so any change of float summation order, such as our channels-last
 convolutions, would decide the comparison instead of the model.
@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import REPO
+from helpers.reference import build_torchvision, calibrate, smooth_images
+from helpers.torch_threads import one_thread  # noqa: F401
 from torch import Tensor
-from torch_threads import one_thread  # noqa: F401
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn import MaskRCNN
 from maskrcnn.checkpoint import CheckpointError, from_torchvision
-
-sys.path.insert(0, str(REPO))
-from bench.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 
 MIN_SIZE, MAX_SIZE = 256, 427
 # Proposals kept after the RPN's NMS, on both sides: with the default 1000 the

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from model_inputs import smooth_noise_images
+from helpers.model_inputs import smooth_noise_images
+from helpers.torch_threads import one_thread  # noqa: F401
 from torch import Tensor, nn
-from torch_threads import one_thread  # noqa: F401
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.roi_heads import paste_masks_in_image

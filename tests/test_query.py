@@ -1,4 +1,4 @@
-"""`maskrcnn query` and pipeline.results: views over a committed OUTPUT, read-only DuckDB."""
+"""`maskrcnn query` and pipeline.output.results: views over a committed OUTPUT, read-only DuckDB."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import VENV_BIN
-from outputs_fixture import (
+from helpers.outputs_fixture import (
     disc_mask,
     error_row,
     instance,
@@ -23,8 +23,8 @@ from outputs_fixture import (
 )
 from pycocotools import mask as mask_utils
 
-from pipeline.results import open_results
-from pipeline.schema import SCHEMA, IncompleteOutputError
+from pipeline.output.results import open_results
+from pipeline.output.schema import SCHEMA, IncompleteOutputError
 
 H, W = 48, 64
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import VENV_BIN
-from outputs_fixture import disc_mask, error_row, instance, ok_row, rect_mask, write_output
+from helpers.outputs_fixture import disc_mask, error_row, instance, ok_row, rect_mask, write_output
 from PIL import Image
 
-from pipeline.render import MASK_ALPHA, label_colour, overlay_name
+from pipeline.output.render import MASK_ALPHA, label_colour, overlay_name
 
 H, W = 72, 96
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-import pipeline.rle as rle
-from pipeline.rle import decode_masks, encode_masks
+import pipeline.formats.rle as rle
+from pipeline.formats.rle import decode_masks, encode_masks
 
 
 def random_masks(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:

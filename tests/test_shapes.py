@@ -1,4 +1,4 @@
-"""pipeline.shapes and `maskrcnn shapes`: deterministic synthetic COCO data with exact masks."""
+"""pipeline.formats.shapes and `maskrcnn shapes`: deterministic synthetic COCO data with exact masks."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.coco import CocoDataset
-from pipeline.shapes import MIN_VISIBLE_PIXELS, make_shapes_dataset
+from pipeline.formats.coco import CocoDataset
+from pipeline.formats.shapes import MIN_VISIBLE_PIXELS, make_shapes_dataset
 
 
 def digests(root: Path) -> dict[str, str]:

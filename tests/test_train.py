@@ -21,17 +21,21 @@ import numpy as np
 import pytest
 import torch
 from conftest import VENV_BIN
-from proc import kill_group, maskrcnn_process
+from helpers.proc import kill_group, maskrcnn_process
+from helpers.train_logs import (
+    CLASS_NAMES,
+    iteration_lines,
+    losses_by_iteration,
+    registered_checkpoint,
+)
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import load, model_id
-from pipeline.coco import CocoDataset
-from pipeline.shapes import make_shapes_dataset
-from pipeline.train_data import BatchPlan, hflip, input_size, train_input_size
-from pipeline.train_state import TrainSpec, load_checkpoint, lr_factor, save_checkpoint
+from pipeline.formats.coco import CocoDataset
+from pipeline.formats.shapes import make_shapes_dataset
+from pipeline.train.data import BatchPlan, hflip, input_size, train_input_size
+from pipeline.train.state import TrainSpec, load_checkpoint, lr_factor, save_checkpoint
 
-CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 SMALL_RUN = [
     "--preset", "tiny", "--min-size", "64", "--max-size", "64",
     "--workers", "2", "--log-every", "1", "--lr", "0.01",
@@ -68,25 +72,6 @@ def wait_for(
             pytest.fail(f"train exited ({proc.returncode}) first:\n{log.read_text()[-3000:]}")
         time.sleep(interval)
     pytest.fail(f"timed out waiting; log:\n{log.read_text()[-3000:]}")
-
-
-def losses_by_iteration(text: str) -> dict[int, str]:
-    """Iteration -> its logged losses (as printed, without the speed)."""
-    return {int(i): loss for i, loss in re.findall(r"train: iter +(\d+)/\d+ +(loss .*?\))", text)}
-
-
-def iteration_lines(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"train: iter +(\d+)/", text)]
-
-
-def registered_checkpoint(read_text) -> int | None:
-    """Iteration of the latest checkpoint Ray Train registered (its snapshot), or None."""
-    text = read_text(SNAPSHOT)
-    if not text:
-        return None
-    latest = json.loads(text).get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name", "")
-    return int(name.rsplit("_", 1)[1]) if name.startswith("checkpoint_") else None
 
 
 def assert_resumed(log_text: str, start: int, iterations: int) -> None:

@@ -1,10 +1,10 @@
 """Bad data at scale (issue 7, item 4): `maskrcnn segment` over a few hundred images of which
-about 10% are broken, plus huge and tiny ones (bench/mixed_data.py), on a real local Ray.
+about 10% are broken, plus huge and tiny ones (tests/helpers/mixed_data.py), on a real local Ray.
 
 Every input is accounted for exactly once (read back with pyarrow and DuckDB); each
 broken file is an error row saying what is wrong; each huge or tiny image is ok, with
 masks of its own full size, unless it is over Pillow's decompression-bomb limit (an error
-row, as pipeline/decode.py documents); and the memory of the whole process tree (driver,
+row, as pipeline/formats/decode.py documents); and the memory of the whole process tree (driver,
 raylet, Ray workers) stays within a bound taken from a clean run of the same size measured
 in the same test. Also, the two pieces that keep huge images cheap: decode_for_model and
 the windowed RLE encoding.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -23,19 +22,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
+from helpers.mixed_data import Expected, write_clean_set, write_mixed_set
+from helpers.proc import kill_group, maskrcnn_process
+from helpers.proctree import TreeMonitor
+from helpers.segment_data import tiny_model
 from PIL import Image
-from proc import kill_group, maskrcnn_process
 from pycocotools import mask as mask_utils
-from test_segment import tiny_model
 
-import pipeline.rle as rle
-from pipeline.decode import REDUCE_FROM, decode_for_model, decode_image, reduction_factor
-from pipeline.schema import SCHEMA, committed_files, read_manifest
-from pipeline.segment import DECODE_TASK_MEMORY
-
-sys.path.insert(0, str(REPO))
-from bench.mixed_data import Expected, write_clean_set, write_mixed_set  # noqa: E402
-from bench.proctree import TreeMonitor  # noqa: E402
+import pipeline.formats.rle as rle
+from pipeline.formats.decode import REDUCE_FROM, decode_for_model, decode_image, reduction_factor
+from pipeline.output.schema import SCHEMA, committed_files, read_manifest
+from pipeline.segment.driver import DECODE_TASK_MEMORY
 
 IMAGES = 200  # per set: 20 broken, 7 odd modes, 4 huge, 3 tiny, 166 plain
 MAX_DETECTIONS = 5
@@ -155,7 +152,7 @@ def test_mixed_set_every_image_accounted_for_errors_explained_memory_bounded(tmp
 
     # Memory: PSS of the CLI's whole process tree. Bad data may cost at most one
     # large image's room on top of the clean run: the DECODE_TASK_MEMORY (1 GiB) a
-    # decode task reserves in pipeline/segment.py for "one large image". Measured
+    # decode task reserves in pipeline/segment/driver.py for "one large image". Measured
     # before decode_for_model: +2.7 GiB (an 81-megapixel PNG normalised in float32
     # at full size); after: within a few hundred MiB of the clean run.
     clean_peak, mixed_peak = runs["clean"].peak_pss, runs["mixed"].peak_pss

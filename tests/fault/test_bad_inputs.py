@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from proc import run_maskrcnn
+from helpers.proc import run_maskrcnn
 
 CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
 
@@ -93,11 +93,11 @@ def _maskrcnn(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def scratch(tmp_path_factory) -> Path:
     """Two tiny checkpoints (4 and 2 classes), a 4-image shapes set, a malformed JSON
     file, an empty folder and a finished OUTPUT."""
-    from outputs_fixture import ok_row, write_output
+    from helpers.outputs_fixture import ok_row, write_output
 
     from maskrcnn import MaskRCNN, MaskRCNNConfig
     from maskrcnn.checkpoint import save
-    from pipeline.shapes import make_shapes_dataset
+    from pipeline.formats.shapes import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("bad-inputs")
     save(MaskRCNN(MaskRCNNConfig.preset("tiny", class_names=CLASS_NAMES)), str(root / "m4.st"))

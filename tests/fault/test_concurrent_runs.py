@@ -1,6 +1,6 @@
 """Two `maskrcnn segment` runs into the same OUTPUT at the same time (issue 7, item 3).
 
-The rule (pipeline/lease.py): one writer per OUTPUT. A run that finds another run's
+The rule (pipeline/segment/lease.py): one writer per OUTPUT. A run that finds another run's
 live lease is refused with a message naming it; two runs that take the lease in the
 same instant find out when they read it back (or at the next heartbeat) and the loser
 stops before writing another part. A run that starts after the other finished finds
@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 
 import pyarrow.parquet as pq
-from proc import kill_group, maskrcnn_process
-from test_segment import make_images, tiny_model, write_local
+from helpers.proc import kill_group, maskrcnn_process
+from helpers.segment_data import make_images, tiny_model, write_local
 
-from pipeline.schema import MANIFEST_NAME, committed_files, read_manifest
+from pipeline.output.schema import MANIFEST_NAME, committed_files, read_manifest
 
 REFUSALS = (
     "is being written by another segment run",

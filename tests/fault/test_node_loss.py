@@ -1,7 +1,7 @@
 """Node loss (issue 7, item 1): a worker node of a real multi-node Ray cluster is lost
 mid-job, and the job still finishes with the promised output.
 
-The cluster is `ray start` processes on this machine (tests/cluster_fixture.py: a
+The cluster is `ray start` processes on this machine (tests/helpers/cluster_fixture.py: a
 head and one worker node, token auth); the jobs are the CLI submitted with
 `ray job submit`, reading and writing S3 (the loopback moto server), so the driver
 lives on the head as it does on a real cluster. Once the job is seen working on the
@@ -25,9 +25,9 @@ import time
 
 import fsspec
 import pytest
-from cluster_fixture import LocalRayCluster
 from conftest import REPO
-from test_segment import (
+from helpers.cluster_fixture import LocalRayCluster
+from helpers.segment_data import (
     assert_exactly_once,
     duckdb_counts,
     make_images,
@@ -35,11 +35,11 @@ from test_segment import (
     tiny_model,
     write_s3,
 )
-from test_train import CLASS_NAMES, losses_by_iteration, registered_checkpoint
+from helpers.train_logs import CLASS_NAMES, losses_by_iteration, registered_checkpoint
 
 from maskrcnn.checkpoint import load, model_id
-from pipeline.schema import committed_files
-from pipeline.shapes import make_shapes_dataset
+from pipeline.formats.shapes import make_shapes_dataset
+from pipeline.output.schema import committed_files
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from local_http import http_server_fixture  # noqa: F401
-from proc import kill_group, maskrcnn_process
-from s3_proxy import FlakyS3Proxy
-from test_segment import make_images, tiny_model, write_local, write_s3
+from helpers.local_http import http_server_fixture  # noqa: F401
+from helpers.proc import kill_group, maskrcnn_process
+from helpers.s3_proxy import FlakyS3Proxy
+from helpers.segment_data import make_images, tiny_model, write_local, write_s3
 
-from pipeline.schema import MANIFEST_NAME, committed_files, read_manifest
+from pipeline.output.schema import MANIFEST_NAME, committed_files, read_manifest
 
 SECRET_KEY_ID = "AKIAFAULTSUITEKEY0001"
 SECRET_KEY = "fault-suite-secret-key-do-not-print"

@@ -83,7 +83,7 @@ def draw_detections(
 
 
 def _masks(detections: Sequence[dict[str, Any]], height: int, width: int) -> Iterator[np.ndarray]:
-    from pipeline.rle import decode_masks
+    from pipeline.formats.rle import decode_masks
 
     for d in detections:
         mask = d.get("mask")

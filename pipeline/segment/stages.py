@@ -12,7 +12,7 @@ Columns between stages (one row per image):
 * after :class:`Segmenter`: uri, status, error, width, height, n, boxes
   (float32 [n, 4] bytes, xyxy in original pixels), scores (float32 [n]),
   labels (int64 [n]), mask_probs (float32 [n, M, M]);
-* after :func:`encode_rows`: pipeline.schema.SCHEMA.
+* after :func:`encode_rows`: pipeline.output.schema.SCHEMA.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decode import DecodeError, decode_for_model, decode_image
-from pipeline.schema import INSTANCE_TYPE, SCHEMA
+from pipeline.formats.decode import DecodeError, decode_for_model, decode_image
+from pipeline.output.schema import INSTANCE_TYPE, SCHEMA
 from pipeline.storage import get_fs
 
 READ_THREADS = 8
@@ -70,7 +70,7 @@ def _image_columns(
 
 def read_bytes(uri: str, options: dict[str, Any] | None) -> bytes:
     """The bytes at ``uri``, retrying transient storage errors with backoff."""
-    from pipeline.commit import retrying
+    from pipeline.storage import retrying
 
     fs, path = get_fs(uri, options)
     return retrying(fs.cat_file, path, what="read", attempts=READ_ATTEMPTS)
@@ -156,7 +156,7 @@ class Segmenter:
         import ray
         import torch
 
-        from pipeline.model_source import model_from_bytes
+        from pipeline.segment.model_source import model_from_bytes
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -241,7 +241,7 @@ def encode_rows(
     import torch
 
     from maskrcnn.masks import paste_masks
-    from pipeline.rle import encode_masks
+    from pipeline.formats.rle import encode_masks
 
     n_rows = batch.num_rows
     status, error, width, height = _image_state(batch)

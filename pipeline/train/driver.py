@@ -8,7 +8,7 @@ The run is named by STORAGE/NAME: Ray Train keeps a snapshot of the run's
 checkpoints there, so a lost worker restarts the worker group from the last
 checkpoint (FailureConfig), and running the same command again, after the
 driver was stopped, continues from it too. The worker side is
-pipeline.train_loop.
+pipeline.train.loop.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline import storage
-from pipeline.train_state import MODEL_FILE, STATE_FILE, TrainSpec
+from pipeline.train.state import MODEL_FILE, STATE_FILE, TrainSpec
 
 EXPORT_NAME = "model.safetensors"
 
@@ -321,7 +321,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
 
 def _dataset(flag: str, uri: str, options: dict[str, Any], train: bool) -> Any:
     """A CocoDataset, with a missing file reported against the flag that named it."""
-    from pipeline.coco import CocoDataset
+    from pipeline.formats.coco import CocoDataset
 
     try:
         return CocoDataset(uri, storage_options=options, train=train)
@@ -332,7 +332,7 @@ def _dataset(flag: str, uri: str, options: dict[str, Any], train: bool) -> Any:
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.train.loop import train_loop_per_worker
 
     train_loop_per_worker(config)
 
@@ -344,13 +344,5 @@ def _export(checkpoint: Any, run_uri: str, options: dict[str, Any]) -> dict[str,
         state = json.loads(f.read())
     with fs.open_input_stream(f"{path}/{MODEL_FILE}") as f:
         model_bytes = f.read()
-    uri = storage.join(run_uri, EXPORT_NAME)
-    if storage.protocol_of(uri) in ("file", "local"):
-        local = uri.removeprefix("file://")
-        with open(f"{local}.tmp-{os.getpid()}", "wb") as f:
-            f.write(model_bytes)
-        os.replace(f"{local}.tmp-{os.getpid()}", local)  # readers never see half a file
-    else:
-        out_fs, out_path = storage.get_fs(uri, options)
-        out_fs.pipe_file(out_path, model_bytes)  # one PUT: no partial object
+    storage.atomic_write(storage.join(run_uri, EXPORT_NAME), model_bytes, options)
     return state

@@ -170,13 +170,13 @@ def output_coco_results(
     image_ids: Mapping[str, int] | None = None,
     stats: ExportStats | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """COCO results of a committed OUTPUT (a pipeline.results.Results), lazily.
+    """COCO results of a committed OUTPUT (a pipeline.output.results.Results), lazily.
 
     With ``annotations`` (a COCO dict) image ids are matched by file name and
     category ids by class name; otherwise ``image_ids`` (uri -> id) gives the
     ids and category_id is the label. ``stats`` collects what was skipped.
     """
-    from pipeline.results import count_errors, iter_ok_batches
+    from pipeline.output.results import count_errors, iter_ok_batches
 
     stats = stats if stats is not None else ExportStats()
     stats.error_rows = count_errors(results)
@@ -231,7 +231,7 @@ def output_coco_results(
 
 def output_image_ids(results: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Ids 1..N for the ok images of OUTPUT, by sorted URI, and their COCO image entries."""
-    from pipeline.results import iter_ok_batches
+    from pipeline.output.results import iter_ok_batches
 
     table = pa.Table.from_batches(
         list(iter_ok_batches(results, ["uri", "width", "height"])),
@@ -265,7 +265,7 @@ def predictions_to_coco_results(
     category id (a dict, or a sequence indexed by label); labels it lacks are
     dropped.
     """
-    from pipeline.rle import encode_masks
+    from pipeline.formats.rle import encode_masks
 
     if isinstance(label_to_category_id, Mapping):
         table = dict(label_to_category_id)

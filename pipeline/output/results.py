@@ -2,7 +2,7 @@
 
 Only the Parquet files the manifest lists are read (other files in OUTPUT may be
 the leftovers of a killed run); an OUTPUT without a manifest is refused with
-:class:`pipeline.schema.IncompleteOutputError`.
+:class:`pipeline.output.schema.IncompleteOutputError`.
 
 The DuckDB connection is in memory and scans the files through a pyarrow
 dataset (lazily, batch by batch, with column projection), so the same code
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.schema import SCHEMA, read_manifest
+from pipeline.output.schema import SCHEMA, read_manifest
 from pipeline.storage import get_fs, join, protocol_of
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Results:
     """A committed segment OUTPUT opened for reading.
 
     ``dataset`` is a pyarrow dataset over exactly the manifest's files, in
-    :data:`pipeline.schema.SCHEMA`; scan it with ``to_batches`` to keep memory
+    :data:`pipeline.output.schema.SCHEMA`; scan it with ``to_batches`` to keep memory
     bounded, or ``to_table(columns=...)`` for small outputs.
     """
 

@@ -157,8 +157,8 @@ class Evaluator:
         batch_size: int = 8,
         cache_bytes: int = 512 << 20,
     ) -> None:
-        from pipeline.coco import CocoDataset
-        from pipeline.evaluate import label_to_category_ids
+        from pipeline.formats.coco import CocoDataset
+        from pipeline.output.evaluate import label_to_category_ids
 
         self.data = CocoDataset(val_uri, storage_options=storage_options, train=False)
         self.label_map = label_to_category_ids(class_names, self.data.categories)
@@ -188,7 +188,7 @@ class Evaluator:
 
     def __call__(self, model: Any, fast: bool) -> dict[str, float]:
         """Metrics ``{bbox_AP, bbox_AP50, ..., segm_AP, ...}`` of ``model`` (a MaskRCNN)."""
-        from pipeline.evaluate import coco_evaluate, predictions_to_coco_results
+        from pipeline.output.evaluate import coco_evaluate, predictions_to_coco_results
 
         start = time.perf_counter()
         results, ids = [], []

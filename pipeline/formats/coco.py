@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.coco_annotation import CocoObject, annotation_object
-from pipeline.decode import DecodeError, decode_image
+from pipeline.formats.coco_annotation import CocoObject, annotation_object
+from pipeline.formats.decode import DecodeError, decode_image
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO

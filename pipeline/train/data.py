@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.coco import CocoDataset, Sample
+from pipeline.formats.coco import CocoDataset, Sample
 
 # Draw = (index in the shard, flip?) of one sample of a batch.
 Draw = tuple[int, bool]

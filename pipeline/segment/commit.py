@@ -2,11 +2,11 @@
 
 Layout of an OUTPUT (any fsspec URI)::
 
-    OUTPUT/_manifest.json          commit point, written last (pipeline/schema.py)
+    OUTPUT/_manifest.json          commit point, written last (pipeline/output/schema.py)
     OUTPUT/part-<hash>.parquet     committed parts: rows in SCHEMA, disjoint URI sets
     OUTPUT/_run/run.json           the unfinished run's spec: model id, options, INPUT
     OUTPUT/_run/plan.parquet       its sorted, unique input URIs (frozen at first start)
-    OUTPUT/_run/lock.json          the lease of the run writing now (pipeline/lease.py)
+    OUTPUT/_run/lock.json          the lease of the run writing now (pipeline/segment/lease.py)
 
 Protocol:
 
@@ -27,7 +27,7 @@ Protocol:
 4. Finish: read the ``uri`` column of every part, check the URIs are unique and
    equal the plan, write ``_manifest.json`` listing exactly those parts (the
    same atomic write), then delete ``_run/``. Readers trust only the manifest.
-5. One writer at a time: the lease (pipeline/lease.py) refuses a second run
+5. One writer at a time: the lease (pipeline/segment/lease.py) refuses a second run
    while the first is alive; a run that loses its lease stops before writing
    another part, and step 4 refuses to commit a doubled URI whatever happened.
 
@@ -43,19 +43,16 @@ import hashlib
 import io
 import json
 import os
-import time
-import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import FORMAT, MANIFEST_NAME, SCHEMA
-from pipeline.storage import get_fs, join, protocol_of, redact
+from pipeline.output.schema import FORMAT, MANIFEST_NAME, SCHEMA
+from pipeline.storage import atomic_write, get_fs, join, protocol_of, redact, retrying
 
 RUN_DIR = "_run"
 SPEC_NAME = f"{RUN_DIR}/run.json"
@@ -65,46 +62,12 @@ PART_PREFIX = "part-"
 COUNTS_KEY = "maskrcnn.counts"
 
 
-T = TypeVar("T")
-
-
 class OutputStateError(ValueError):
     """OUTPUT is in a state this run may not touch; the message says why and what to do."""
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# Errors that retrying cannot fix: raise them at once.
-PERMANENT_ERRORS = (
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    ValueError,
-    TypeError,
-)
-
-
-def retrying(fn: Callable[..., T], *args: Any, what: str = "", attempts: int = 5) -> T:
-    """``fn(*args)`` retried with exponential backoff on transient storage errors.
-
-    Anything but PERMANENT_ERRORS counts as transient (throttling, connection
-    resets, timeouts: storage clients raise many types for these).
-    """
-    delay = 0.2
-    for attempt in range(attempts):
-        try:
-            return fn(*args)
-        except PERMANENT_ERRORS:
-            raise
-        except Exception as exc:
-            if attempt == attempts - 1:
-                raise OSError(f"{what}: {exc}" if what else str(exc)) from exc
-            time.sleep(delay)  # backoff before the next try
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -144,18 +107,8 @@ class OutputDir:
         return value if isinstance(value, dict) else None
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` so that readers see all of it or nothing."""
-        path = self.path(rel)
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:  # one PUT: an object store shows the whole object or none
-            retrying(self.fs.pipe_file, path, data, what=f"writing {self.show(rel)}")
+        """Write ``data`` so that readers see all of it or nothing (storage.atomic_write)."""
+        atomic_write(join(self.uri, rel), data, self.options)
 
     def write_part(self, name: str, data: bytes) -> None:
         """Commit one part (bytes from :func:`encode_part`) as ``OUTPUT/name``, atomically."""

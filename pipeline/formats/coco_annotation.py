@@ -4,7 +4,7 @@ The segmentation (polygons, uncompressed or compressed RLE) becomes the
 compressed RLE of the full-image mask, or a skip reason: empty, malformed, or
 of another size than the image. A ``bbox`` field is only checked (a degenerate
 one marks a broken annotation); the object's box is its mask's extent (see
-pipeline.coco for why).
+pipeline.formats.coco for why).
 """
 
 from __future__ import annotations

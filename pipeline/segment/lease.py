@@ -10,7 +10,7 @@ Object stores give no compare-and-swap through fsspec, so two runs started in
 the same instant could both write the lock; each reads it back after writing,
 and every heartbeat re-reads it: a run that finds another run's id there stops
 before writing another part (Lease.check), and the manifest step refuses a
-doubled URI in any case (pipeline/commit.py).
+doubled URI in any case (pipeline/segment/commit.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.commit import LOCK_NAME, OutputDir, OutputStateError, now_iso
+from pipeline.segment.commit import LOCK_NAME, OutputDir, OutputStateError, now_iso
 
 HEARTBEAT_SECONDS = float(os.environ.get("MASKRCNN_HEARTBEAT_SECONDS", "10"))
 LEASE_SECONDS = float(os.environ.get("MASKRCNN_LEASE_SECONDS", "60"))

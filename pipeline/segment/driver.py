@@ -7,7 +7,7 @@ The data flow reads like the sentence it is::
       -> paste masks + RLE encode (CPU tasks) -> Parquet parts (CPU tasks)
       -> the driver writes each part it receives, atomically -> manifest
 
-Exactly once and resume follow the protocol in pipeline/commit.py: a part
+Exactly once and resume follow the protocol in pipeline/segment/commit.py: a part
 file appears in OUTPUT only as a whole, only the driver puts it there, a
 re-run skips the URIs already in parts, and the manifest written last lists
 exactly the parts, checked to hold every planned URI once.
@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.commit import (
+from pipeline.output.schema import MANIFEST_NAME
+from pipeline.segment.commit import (
     PLAN_NAME,
     RUN_DIR,
     SPEC_NAME,
@@ -34,10 +35,9 @@ from pipeline.commit import (
     now_iso,
     spec_mismatches,
 )
-from pipeline.inputs import list_inputs
-from pipeline.lease import Lease
-from pipeline.model_source import ModelSource, load_model
-from pipeline.schema import MANIFEST_NAME
+from pipeline.segment.inputs import list_inputs
+from pipeline.segment.lease import Lease
+from pipeline.segment.model_source import ModelSource, load_model
 from pipeline.storage import get_fs, redact
 
 # Memory reserved per decode task: a worker with torch loaded (~0.5 GiB) plus a
@@ -196,7 +196,7 @@ def segment(
 
 
 def _list_if_planning(out: OutputDir, input_uri: str, opts: SegmentOptions) -> list[str] | None:
-    """INPUT's image URIs (pipeline.inputs.list_inputs) when this run will plan anew: with
+    """INPUT's image URIs (pipeline.segment.inputs.list_inputs) when this run will plan anew: with
     --overwrite, or when OUTPUT holds neither a finished run nor a plan to resume. None
     otherwise: those runs list INPUT only when _plan needs it, as they always did.
 
@@ -310,7 +310,7 @@ def _dataset(spec, pending, sources, model, model_bytes, opts, log):
     import pyarrow as pa
     import ray
 
-    from pipeline.stages import Segmenter, encode_rows, read_and_decode
+    from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
 
     gpus, cpus, (min_actors, max_actors) = _resources(opts, log)
     cpus_total = max(1, int(ray.cluster_resources().get("CPU", 1)))

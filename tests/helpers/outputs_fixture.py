@@ -1,6 +1,6 @@
 """Build fake-but-valid segment OUTPUT folders (and matching COCO ground truth) for tests.
 
-Rows are written in pipeline.schema.SCHEMA with pyarrow, masks are encoded with
+Rows are written in pipeline.output.schema.SCHEMA with pyarrow, masks are encoded with
 pycocotools from known shapes, and the manifest commits the files, exactly as
 the segment job's contract says. Reusable by any test that reads an OUTPUT.
 """
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from pipeline.schema import FORMAT, MANIFEST_NAME, SCHEMA
+from pipeline.output.schema import FORMAT, MANIFEST_NAME, SCHEMA
 from pipeline.storage import get_fs, join
 
 MODEL_ID = "test-model-0001"

@@ -3,7 +3,7 @@
 :func:`write_mixed_set` writes N files as a bucket of user images may hold them:
 about 10% broken (every broken kind the segment tests use), a few in odd
 modes, a few huge (sides more than 10x the tiny preset's max_size of 224; one
-past Pillow's decompression-bomb limit, which pipeline/decode.py keeps on), a
+past Pillow's decompression-bomb limit, which pipeline/formats/decode.py keeps on), a
 few tiny (1x1, 2x3, 5x5), and ordinary shapes pictures for the rest, in a
 seeded random order so that the odd ones are spread through the listing.
 :func:`write_clean_set` writes N ordinary pictures only. Both return, per file,
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shapes import draw_shapes_image
+from pipeline.formats.shapes import draw_shapes_image
 
 # --- single files ------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def bomb_reason(width: int, height: int) -> str:
-    """The error segment stores for an image over Pillow's pixel limit (pipeline/decode.py)."""
+    """The error segment stores for an image over Pillow's pixel limit (pipeline/formats/decode.py)."""
     return f"decode: decompression bomb ({width * height} pixels > limit {Image.MAX_IMAGE_PIXELS})"
 
 

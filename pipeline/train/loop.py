@@ -1,6 +1,6 @@
 """The loop each Ray Train worker runs: DDP Mask R-CNN on its shard of a COCO dataset.
 
-Started by pipeline.train through TorchTrainer; every attempt (first start,
+Started by pipeline.train.driver through TorchTrainer; every attempt (first start,
 restart after a lost worker, re-run of the same command) begins from
 ``ray.train.get_checkpoint()`` when there is one. Every worker does the same
 number of optimizer steps, so DDP's all-reduces line up whatever each shard
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.train_data import AugmentedShard, BatchPlan, input_size, train_input_size
-from pipeline.train_state import (
+from pipeline.train.data import AugmentedShard, BatchPlan, input_size, train_input_size
+from pipeline.train.state import (
     Evaluator,
     TrainSpec,
     amp_mode,
@@ -119,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.coco import CocoDataset
+    from pipeline.formats.coco import CocoDataset
 
     spec = TrainSpec(**config)
     _quiet_logs()

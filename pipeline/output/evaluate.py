@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from pipeline.coco_results import predictions_to_coco_results  # noqa: F401  (public here too)
+from pipeline.output.coco_results import predictions_to_coco_results  # noqa: F401  (public here too)
 
 # COCOeval.stats, in order, under the names people quote.
 STAT_NAMES = [
@@ -182,12 +182,12 @@ def label_to_category_ids(
 def evaluate_output(
     results: Any, annotations: dict[str, Any], summary_out: TextIO | None = None
 ) -> tuple[dict[str, dict[str, float]], Any]:
-    """COCO AP of a committed OUTPUT (a pipeline.results.Results) against ``annotations``.
+    """COCO AP of a committed OUTPUT (a pipeline.output.results.Results) against ``annotations``.
 
     Only the annotation images the OUTPUT holds are evaluated (a run over part
     of a dataset is scored on that part). Returns (metrics, ExportStats).
     """
-    from pipeline.coco_results import ExportStats, output_coco_results
+    from pipeline.output.coco_results import ExportStats, output_coco_results
 
     stats = ExportStats()
     dets = list(output_coco_results(results, annotations, stats=stats))
@@ -221,7 +221,7 @@ def predict_coco_results(
     """
     import torch
 
-    from pipeline.decode import DecodeError, decode_image
+    from pipeline.formats.decode import DecodeError, decode_image
     from pipeline.storage import get_fs, join, redact
 
     label_map = label_to_category_ids(model.cfg.label_names, annotations["categories"])

@@ -1,0 +1,1 @@
+"""Bytes <-> arrays: image decoding, COCO RLE, COCO datasets and the shapes generator."""

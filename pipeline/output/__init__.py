@@ -1,0 +1,1 @@
+"""Reading a finished segment OUTPUT: schema, results, COCO export, evaluation, rendering."""

@@ -1,0 +1,1 @@
+"""The train job: driver, the per-worker loop, data, run state and the evaluator."""
