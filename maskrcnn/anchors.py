@@ -17,10 +17,17 @@ BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 def cell_anchors(size: int, aspect_ratios: tuple[float, ...]) -> Tensor:
-    """Anchors centred on (0, 0) for one size: float32 [len(aspect_ratios), 4].
+    """Anchors centred on (0, 0) for one size, one per aspect ratio.
 
     Ratio r is height / width at constant area size**2; corners are rounded
     to whole pixels.
+
+    Args:
+        size (int): the anchors' side at ratio 1, in pixels.
+        aspect_ratios (tuple[float, ...]): A height / width ratios.
+
+    Returns:
+        Tensor[A, 4]: float32 anchors in (x1, y1, x2, y2) format about the origin.
     """
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
     h_ratios = torch.sqrt(ratios)
@@ -33,10 +40,17 @@ def cell_anchors(size: int, aspect_ratios: tuple[float, ...]) -> Tensor:
 def grid_anchors(
     base: Tensor, grid_size: tuple[int, int], stride: tuple[int, int], device: torch.device
 ) -> Tensor:
-    """All anchors of one level: float32 [H * W * A, 4], ordered (row, column, anchor).
+    """All anchors of one level: the cell anchors shifted to every cell of the map.
 
-    base: [A, 4] cell anchors; grid_size: (H, W) of the feature map; stride:
-    (sy, sx) pixels between neighbouring cells.
+    Args:
+        base (Tensor[A, 4]): cell anchors (see cell_anchors), (x1, y1, x2, y2).
+        grid_size (tuple[int, int]): (H, W) of the feature map.
+        stride (tuple[int, int]): (sy, sx) image pixels between neighbouring cells.
+        device (torch.device): where the anchors are made.
+
+    Returns:
+        Tensor[H * W * A, 4]: float32 (x1, y1, x2, y2) anchors in image pixels,
+        ordered (row, column, anchor).
     """
     gh, gw = grid_size
     sy, sx = stride
@@ -49,7 +63,12 @@ def grid_anchors(
 
 
 class AnchorGenerator:
-    """Anchors for every FPN level of a padded batch: one size per level, all ratios."""
+    """Anchors for every FPN level of a padded batch: one size per level, all ratios.
+
+    Args:
+        sizes (tuple[int, ...]): the anchor side per level, P2 first (cfg.anchor_sizes).
+        aspect_ratios (tuple[float, ...]): height / width ratios at every level.
+    """
 
     def __init__(self, sizes: tuple[int, ...], aspect_ratios: tuple[float, ...]):
         self.bases = [cell_anchors(s, aspect_ratios) for s in sizes]
@@ -57,12 +76,23 @@ class AnchorGenerator:
 
     @property
     def num_anchors_per_location(self) -> int:
+        """A: anchors per feature-map cell (one per aspect ratio)."""
         return self.bases[0].shape[0]
 
     def __call__(
         self, batch_size: tuple[int, int], feature_sizes: list[tuple[int, int]], device
     ) -> list[Tensor]:
-        """Per level [H_l * W_l * A, 4] anchors for a padded batch of size (H, W)."""
+        """The anchors of every level, cached per shape and device.
+
+        Args:
+            batch_size (tuple[int, int]): (H, W) of the padded batch.
+            feature_sizes (list[tuple[int, int]]): (H_l, W_l) of each level's map.
+            device (torch.device): where the anchors live.
+
+        Returns:
+            list[Tensor[H_l * W_l * A, 4]]: float32 (x1, y1, x2, y2) anchors per level,
+            in image pixels, ordered as grid_anchors orders them.
+        """
         key = (batch_size, tuple(feature_sizes), str(device))
         if key not in self._cache:
             if len(self._cache) > 16:
@@ -79,9 +109,17 @@ class AnchorGenerator:
 
 
 def encode_boxes(targets: Tensor, anchors: Tensor, weights: tuple[float, ...]) -> Tensor:
-    """Regression targets (t_x, t_y, t_w, t_h) of boxes against anchors: [N, 4] -> [N, 4].
+    """Regression targets (t_x, t_y, t_w, t_h) of boxes against their anchors.
 
     t_x = wx (x - x_a) / w_a, t_w = ww log(w / w_a), with (x, y) box centres.
+
+    Args:
+        targets (Tensor[N, 4]): float boxes, (x1, y1, x2, y2).
+        anchors (Tensor[N, 4]): float anchors or proposals, (x1, y1, x2, y2), one per box.
+        weights (tuple[float, ...]): (wx, wy, ww, wh).
+
+    Returns:
+        Tensor[N, 4]: the deltas (t_x, t_y, t_w, t_h), in the boxes' dtype.
     """
     wx, wy, ww, wh = weights
     aw = anchors[:, 2] - anchors[:, 0]
@@ -104,9 +142,18 @@ def encode_boxes(targets: Tensor, anchors: Tensor, weights: tuple[float, ...]) -
 
 
 def decode_boxes(deltas: Tensor, anchors: Tensor, weights: tuple[float, ...]) -> Tensor:
-    """Apply deltas to anchors: deltas [N, 4k], anchors [N, 4] -> boxes [N, k, 4].
+    """Apply deltas to anchors: the inverse of encode_boxes.
 
-    k > 1 holds one box per class (class-specific refinement). Always fp32.
+    dw and dh are clamped at BBOX_XFORM_CLIP before the exponential.
+
+    Args:
+        deltas (Tensor[N, 4k]): (t_x, t_y, t_w, t_h) per box, any float dtype; k > 1
+            holds one box per class (class-specific refinement).
+        anchors (Tensor[N, 4]): anchors or proposals, (x1, y1, x2, y2).
+        weights (tuple[float, ...]): (wx, wy, ww, wh), as given to encode_boxes.
+
+    Returns:
+        Tensor[N, k, 4]: fp32 boxes, (x1, y1, x2, y2).
     """
     deltas = deltas.float()
     anchors = anchors.to(deltas.dtype)
@@ -128,7 +175,15 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, weights: tuple[float, ...]) ->
 
 
 def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Clip [..., 4] boxes to an image of (height, width)."""
+    """Clip boxes to an image.
+
+    Args:
+        boxes (Tensor[..., 4]): float boxes, (x1, y1, x2, y2).
+        size (tuple[int, int]): (height, width) of the image.
+
+    Returns:
+        Tensor[..., 4]: the boxes with x in [0, width] and y in [0, height].
+    """
     h, w = size
     x = boxes[..., 0::2].clamp(min=0, max=w)
     y = boxes[..., 1::2].clamp(min=0, max=h)
@@ -136,25 +191,49 @@ def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def nonempty(boxes: Tensor, min_size: float) -> Tensor:
-    """Bool [N]: boxes whose width and height are both at least min_size."""
+    """Which boxes are at least min_size wide and high.
+
+    Args:
+        boxes (Tensor[N, 4]): float boxes, (x1, y1, x2, y2).
+        min_size (float): the smallest side kept, in the boxes' pixels.
+
+    Returns:
+        Tensor[N]: bool, True where both sides are at least min_size.
+    """
     return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
 
 
 # --- matching and sampling ----------------------------------------------------
 
 BACKGROUND = -1
+"""match value of a candidate whose best IoU is below bg_thresh."""
 IGNORE = -2
+"""match value of a candidate whose best IoU is between the thresholds."""
+IGNORED_LABEL = -1
+"""Sampling label of a candidate that is neither positive nor negative (sample_balanced
+skips negative labels); the RPN and RoI heads give it to the IGNORE matches."""
 
 
 def match(
     gt_boxes: Tensor, candidates: Tensor, fg_thresh: float, bg_thresh: float, low_quality: bool
 ) -> Tensor:
-    """Index of the matched ground-truth box per candidate: int64 [N].
+    """The ground-truth box each candidate matches, by IoU.
 
     BACKGROUND (-1) when the best IoU is below bg_thresh, IGNORE (-2) when it
     is in [bg_thresh, fg_thresh). With ``low_quality``, every ground-truth
     box also claims the candidates that overlap it most, even below
     fg_thresh (the RPN rule, so that every object has an anchor).
+
+    Args:
+        gt_boxes (Tensor[G, 4]): float ground-truth boxes, (x1, y1, x2, y2); G may be 0.
+        candidates (Tensor[N, 4]): float anchors or proposals, (x1, y1, x2, y2).
+        fg_thresh (float): IoU at or above which a candidate matches its best box.
+        bg_thresh (float): IoU below which it is BACKGROUND.
+        low_quality (bool): let each box also claim its best-overlapping candidates.
+
+    Returns:
+        Tensor[N]: int64, the index in gt_boxes, BACKGROUND or IGNORE (all BACKGROUND
+        when G is 0).
     """
     if gt_boxes.numel() == 0:
         return torch.full(
@@ -177,8 +256,17 @@ def sample_balanced(
 ) -> tuple[Tensor, Tensor]:
     """Sample up to batch_size indices, at most positive_fraction of them positive.
 
-    labels: int64 [N], >= 1 positive, 0 negative, < 0 ignored.
-    Returns (positive indices, negative indices), both int64.
+    Negatives fill what the positives leave; both are drawn at random.
+
+    Args:
+        labels (Tensor[N]): int64, >= 1 positive, 0 negative, < 0 (IGNORED_LABEL) ignored.
+        batch_size (int): most indices drawn.
+        positive_fraction (float): largest share of positives among them.
+        generator (torch.Generator, optional): the random source (default torch's).
+
+    Returns:
+        tuple[Tensor, Tensor]: int64 indices into labels of the sampled positives
+        and of the sampled negatives.
     """
     pos = torch.nonzero(labels >= 1).squeeze(1)
     neg = torch.nonzero(labels == 0).squeeze(1)

@@ -1,4 +1,4 @@
-"""ResNet body + Feature Pyramid Network: image -> P2..P6."""
+"""ResNet body + Feature Pyramid Network: image -> P2..P6 (config.FPN_LEVELS)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None) -> Tensor:
     about 1.6x faster in channels_last). The fold is recomputed on every call
     (a few ms), so it never goes stale while weights train. Gradients reach
     the conv weight through the fold exactly as through the separate norm.
+
+    Args:
+        x (Tensor[B, C_in, H, W]): the input, any float dtype and layout.
+        conv (nn.Conv2d): the convolution.
+        norm (nn.Module, optional): a FrozenBatchNorm2d or BatchNorm2d after it.
+
+    Returns:
+        Tensor[B, C_out, H', W']: norm(conv(x)).
     """
     if norm is None or not _foldable(norm):
         out = conv(x)
@@ -47,7 +55,7 @@ def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None) -> Tensor:
 
 class ConvBlock(nn.Sequential):
     """conv (+ norm) (+ ReLU) as a Sequential (its state-dict keys are 0.*, 1.*), with the
-    norm folded into the conv when it is fixed (see conv_norm)."""
+    norm folded into the conv when it is fixed (see conv_norm). Built by conv_block."""
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self[0]
@@ -59,7 +67,19 @@ class ConvBlock(nn.Sequential):
 def conv_block(
     cin: int, cout: int, kernel: int, norm: bool, relu: bool = False, stride: int = 1
 ) -> ConvBlock:
-    """conv (+ BatchNorm) (+ ReLU); the conv has a bias only when there is no norm."""
+    """conv (+ BatchNorm) (+ ReLU); the conv has a bias only when there is no norm.
+
+    Args:
+        cin (int): input channels.
+        cout (int): output channels.
+        kernel (int): kernel side; padding keeps the size ("same") at stride 1.
+        norm (bool): a BatchNorm2d after the conv.
+        relu (bool): a ReLU last.
+        stride (int): the conv's stride.
+
+    Returns:
+        ConvBlock: [B, cin, H, W] -> [B, cout, H / stride, W / stride].
+    """
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=not norm)
     ]
@@ -82,7 +102,13 @@ def _residual_block(block: nn.Module, x: Tensor) -> Tensor:
 
 
 class ResNetBody(nn.Module):
-    """A torchvision ResNet without its classifier, returning C2..C5 (strides 4..32)."""
+    """A torchvision ResNet without its classifier, returning C2..C5 (strides 4..32).
+
+    Stages below the top cfg.trainable_layers are frozen (requires_grad False).
+
+    Args:
+        cfg (MaskRCNNConfig): backbone, norm, frozen_bn_eps and trainable_layers.
+    """
 
     def __init__(self, cfg: MaskRCNNConfig):
         super().__init__()
@@ -112,6 +138,8 @@ class ResNetBody(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """Normalised images [B, 3, H, W] -> [C2, C3, C4, C5], out_channels channels,
+        strides 4, 8, 16, 32, in x's dtype and layout."""
         x = self.maxpool(F.relu(conv_norm(x, self.conv1, self.bn1), inplace=True))
         outs = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -122,7 +150,13 @@ class ResNetBody(nn.Module):
 
 
 class FPN(nn.Module):
-    """Top-down pathway with lateral connections; P6 is P5 max-pooled with stride 2."""
+    """Top-down pathway with lateral connections; P6 is P5 max-pooled with stride 2.
+
+    Args:
+        in_channels (list[int]): channels of C2..C5.
+        channels (int): channels of every output level.
+        norm (bool): BatchNorm in the lateral and output convs (torchvision v2).
+    """
 
     def __init__(self, in_channels: list[int], channels: int, norm: bool):
         super().__init__()
@@ -135,7 +169,14 @@ class FPN(nn.Module):
                     nn.init.constant_(m.bias, 0)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        """[C2..C5] -> [P2, P3, P4, P5, P6], each with ``channels`` channels."""
+        """The pyramid from the body's maps.
+
+        Args:
+            feats (list[Tensor[B, C_k, H_k, W_k]]): C2..C5.
+
+        Returns:
+            list[Tensor[B, channels, H_k, W_k]]: [P2, P3, P4, P5, P6], strides 4..64.
+        """
         top = self.lateral[-1](feats[-1])
         outs = [self.output[-1](top)]
         for i in range(len(feats) - 2, -1, -1):
@@ -147,12 +188,26 @@ class FPN(nn.Module):
 
 
 class Backbone(nn.Module):
+    """ResNet body + FPN: the feature pyramid P2..P6 of a batch.
+
+    Args:
+        cfg (MaskRCNNConfig): the body's and the FPN's fields (fpn_channels, fpn_norm).
+    """
+
     def __init__(self, cfg: MaskRCNNConfig):
         super().__init__()
         self.body = ResNetBody(cfg)
         self.fpn = FPN(self.body.out_channels, cfg.fpn_channels, cfg.fpn_norm)
-        self.out_channels = cfg.fpn_channels
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """images [B, 3, H, W] -> [P2..P6], strides 4, 8, 16, 32, 64."""
+        """The pyramid of a padded batch.
+
+        Args:
+            images (Tensor[B, 3, H, W]): normalised images padded to multiples of
+                cfg.size_divisible; float32 (autocast runs the convs in bf16).
+
+        Returns:
+            list[Tensor[B, fpn_channels, H / s, W / s]]: P2..P6, strides s = 4, 8, 16,
+            32, 64 (config.FPN_LEVELS), in the images' layout.
+        """
         return self.fpn(self.body(images))

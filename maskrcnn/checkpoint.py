@@ -117,7 +117,8 @@ def is_pickle(data: bytes) -> bool:
 def model_from_safetensors(
     data: bytes, name: str, *, pickle_hint: str, torchvision_hint: str
 ) -> MaskRCNN:
-    """A model (CPU, eval mode) from safetensors bytes written by :func:`save`.
+    """A model (CPU, eval mode, channels-last: MaskRCNN's default layout) from
+    safetensors bytes written by :func:`save`.
 
     Every failure is a CheckpointError whose message starts with ``name`` (the
     file as the caller names it); a pickle is refused with ``pickle_hint`` (what
@@ -151,7 +152,8 @@ def model_from_safetensors(
 def load(
     uri: str, map_location: str | torch.device = "cpu", allow_pickle: bool = False
 ) -> MaskRCNN:
-    """A model from a checkpoint written by :func:`save` (config from its metadata).
+    """A model (eval mode, channels-last: MaskRCNN's default layout) from a checkpoint
+    written by :func:`save`, config from its metadata, on ``map_location``.
 
     A pickle (.pt/.pth) is refused unless ``allow_pickle``; then it must hold
     {"config": dict, "state_dict": ...} and loads with weights_only=True.
@@ -175,7 +177,11 @@ def load(
 
 
 def model_id(model: MaskRCNN) -> str:
-    """A short stable hash of the weights and config: 16 hex digits."""
+    """A short stable hash of the architecture (the config) and the weights: 16 hex digits.
+
+    Run options (fast, the layout) are not in the config, and every tensor is
+    hashed as a contiguous CPU copy, so neither they nor the device change it.
+    """
     h = hashlib.sha256(model.cfg.to_json().encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
@@ -253,7 +259,8 @@ def from_torchvision(
     class_names: list[str] | None = None,
     allow_pickle: bool = True,
 ) -> MaskRCNN:
-    """Our model from a torchvision maskrcnn_resnet50_fpn ("v1") or _v2 ("v2") state dict.
+    """Our model (CPU, eval mode, channels-last) from a torchvision maskrcnn_resnet50_fpn
+    ("v1") or _v2 ("v2") state dict.
 
     Accepts a dict or a path/URI to a .pth (loaded with weights_only=True) or
     .safetensors file. v1 uses FrozenBatchNorm epsilon 0, as torchvision's

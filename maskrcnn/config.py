@@ -7,6 +7,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+FPN_LEVELS: tuple[int, ...] = (2, 3, 4, 5, 6)
+"""The pyramid levels the backbone returns, in order: P_k has stride 2**k (P6: P5 pooled)."""
+
+RUN_OPTIONS: tuple[str, ...] = ("channels_last", "fast")
+"""Keys older configs held that are run options now, not architecture: predict(fast=...)
+and MaskRCNN.to_layout(channels_last). from_dict drops them."""
+
 
 @dataclass
 class MaskRCNNConfig:
@@ -71,6 +78,8 @@ class MaskRCNNConfig:
     """FPN level assignment: a box of this side goes to canonical_level (paper: 224)."""
     canonical_level: int = 4
     """FPN level assignment: the level of a canonical_scale box (paper: P4)."""
+    roi_pool_levels: tuple[int, ...] = (2, 3, 4, 5)
+    """FPN levels P2..P5 RoIAlign pools from (paper): consecutive, among FPN_LEVELS."""
     box_head: str = "2fc"
     """Box head: "2fc" (two 1024-d fc, paper) or "4conv1fc" (torchvision v2, BatchNorm)."""
     box_head_dim: int = 1024
@@ -99,12 +108,6 @@ class MaskRCNNConfig:
     """Most detections kept per image (paper: 100)."""
     mask_threshold: float = 0.5
     """Pasted mask probability above which a pixel is in the object (paper: 0.5)."""
-    fast: bool = False
-    """Default of predict(fast=...): bf16 autocast for the convolutions and fc6 (RoIAlign,
-    NMS, box decoding and the box predictor stay fp32), channels-last, and on CPU images of
-    different padded shapes run as separate batches. Scores move by ~1e-3..1e-2."""
-    channels_last: bool = True
-    """Convolutions in channels-last layout (oneDNN and tensor cores run it faster)."""
 
     # --- input ---------------------------------------------------------------
     min_size: int = 800
@@ -123,6 +126,7 @@ class MaskRCNNConfig:
         self.aspect_ratios = tuple(float(r) for r in self.aspect_ratios)
         self.bbox_reg_weights = tuple(float(w) for w in self.bbox_reg_weights)
         self.mask_head_channels = tuple(int(c) for c in self.mask_head_channels)
+        self.roi_pool_levels = tuple(int(k) for k in self.roi_pool_levels)
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
         self.validate()
@@ -142,10 +146,22 @@ class MaskRCNNConfig:
             raise ValueError(f"unknown norm {self.norm!r} (frozen_bn or bn)")
         if self.box_head not in ("2fc", "4conv1fc"):
             raise ValueError(f"unknown box_head {self.box_head!r} (2fc or 4conv1fc)")
-        if len(self.anchor_sizes) != 5:
+        if len(self.anchor_sizes) != len(FPN_LEVELS):
             raise ValueError("anchor_sizes needs one size per FPN level P2..P6 (5 values)")
+        self._validate_pool_levels()
         if not 0 <= self.trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {self.trainable_layers}")
+
+    def _validate_pool_levels(self) -> None:
+        levels = self.roi_pool_levels
+        if not levels or not set(levels) <= set(FPN_LEVELS):
+            raise ValueError(f"roi_pool_levels must be FPN levels {FPN_LEVELS}, got {levels}")
+        if list(levels) != list(range(levels[0], levels[0] + len(levels))):
+            raise ValueError(f"roi_pool_levels must be consecutive and ascending, got {levels}")
+        if not levels[0] <= self.canonical_level <= levels[-1]:
+            raise ValueError(
+                f"canonical_level {self.canonical_level} must be one of roi_pool_levels {levels}"
+            )
 
     @property
     def mask_resolution(self) -> int:
@@ -169,6 +185,9 @@ class MaskRCNNConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskRCNNConfig:
+        """The config of a to_dict() dict; keys in RUN_OPTIONS (older checkpoints and
+        manifests hold them) are dropped, any other unknown key is a ValueError."""
+        d = {k: v for k, v in d.items() if k not in RUN_OPTIONS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -21,11 +21,18 @@ PASTE_CHUNK_ELEMENTS = 64 * 1024 * 1024
 
 
 def mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
-    """Binary targets of the RoIs: float32 [K, size, size].
+    """Binary mask targets of the RoIs: each RoI's ground-truth mask resampled into it.
 
-    gt_masks: uint8/bool [G, H, W] of one image; boxes: [K, 4] RoIs in the
-    same pixels; matched: int64 [K] index of each RoI's ground-truth mask.
     A target pixel is 1 where the ground-truth mask covers at least half of it.
+
+    Args:
+        gt_masks (Tensor[G, H, W]): uint8/bool ground-truth masks of one image.
+        boxes (Tensor[K, 4]): float RoIs, (x1, y1, x2, y2) in the masks' pixels.
+        matched (Tensor[K]): int64 index into gt_masks of each RoI's mask.
+        size (int): side of the targets (cfg.mask_resolution).
+
+    Returns:
+        Tensor[K, size, size]: 0/1 targets, in the boxes' dtype.
     """
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size))
@@ -70,13 +77,21 @@ def paste_masks(
 ) -> Tensor:
     """Paste M x M mask probabilities into a height x width image.
 
-    mask_probs: float [N, M, M] in 0..1; boxes: float [N, 4] (x1, y1, x2, y2)
-    in the image's pixels. Returns bool [N, height, width] (prob > threshold),
-    or the float32 probabilities when threshold is None.
-
     Work is done only inside each box's window: masks are grouped by window
     size (powers of two) into chunks of bounded memory, resized into a window
     that fits the image, and written back with one indexed store per chunk.
+
+    Args:
+        mask_probs (Tensor[N, M, M]): float probabilities in 0..1.
+        boxes (Tensor[N, 4]): float boxes, (x1, y1, x2, y2) in the image's pixels.
+        height (int): the image's height.
+        width (int): the image's width.
+        threshold (float, optional): probability above which a pixel is in the mask;
+            None keeps the probabilities.
+
+    Returns:
+        Tensor[N, height, width]: bool (prob > threshold), or float32 probabilities
+        when threshold is None; zero outside each box.
     """
     n = mask_probs.shape[0]
     dtype = torch.float32 if threshold is None else torch.bool
@@ -85,15 +100,7 @@ def paste_masks(
         return out
     m = mask_probs.shape[-1]
     padded = F.pad(mask_probs.float(), (1, 1, 1, 1))
-    grow = (m + 2) / m
-    boxes = boxes.float()
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) * 0.5, (boxes[:, 1] + boxes[:, 3]) * 0.5
-    hw, hh = (boxes[:, 2] - boxes[:, 0]) * 0.5 * grow, (boxes[:, 3] - boxes[:, 1]) * 0.5 * grow
-    grown = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=1).to(torch.int64)
-    x0, y0, x1, y1 = grown.unbind(1)
-    # Width/height as torchvision computes them: int(x2 - x1 + 1), at least 1.
-    x1 = x0 + (x1 - x0 + 1).clamp(min=1) - 1
-    y1 = y0 + (y1 - y0 + 1).clamp(min=1) - 1
+    x0, y0, x1, y1 = _padded_extents(boxes, m)
     sx, ex = _windows(x0, x1, width)
     sy, ey = _windows(y0, y1, height)
     # Masks whose windows are alike share a chunk: bucket by the power of two at or above
@@ -122,6 +129,22 @@ def paste_masks(
                 local = local > threshold
             out[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = local
     return out
+
+
+def _padded_extents(boxes: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where the padded (m + 2)-pixel masks go: each box grown by (m + 2) / m about its
+    centre and snapped to pixels, as int64 [N] first and last columns x0, x1 and rows
+    y0, y1 (inclusive; may leave the image)."""
+    grow = (m + 2) / m
+    boxes = boxes.float()
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) * 0.5, (boxes[:, 1] + boxes[:, 3]) * 0.5
+    hw, hh = (boxes[:, 2] - boxes[:, 0]) * 0.5 * grow, (boxes[:, 3] - boxes[:, 1]) * 0.5 * grow
+    grown = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=1).to(torch.int64)
+    x0, y0, x1, y1 = grown.unbind(1)
+    # Width/height as torchvision computes them: int(x2 - x1 + 1), at least 1.
+    x1 = x0 + (x1 - x0 + 1).clamp(min=1) - 1
+    y1 = y0 + (y1 - y0 + 1).clamp(min=1) - 1
+    return x0, y0, x1, y1
 
 
 def _resize_window(

@@ -16,7 +16,23 @@ from maskrcnn.transforms import batch_images, padded_size, resize_to_model, to_f
 
 
 class MaskRCNN(nn.Module):
-    def __init__(self, cfg: MaskRCNNConfig):
+    """Mask R-CNN: ResNet + FPN backbone, RPN, box and mask heads, post-processing.
+
+    A model is built in channels-last layout unless told otherwise (see
+    :meth:`to_layout`), and maskrcnn.checkpoint's load and from_torchvision
+    return models so built.
+
+    Args:
+        cfg (MaskRCNNConfig): the architecture.
+        channels_last (bool): the layout it is built in (default True).
+
+    Example::
+
+        model = MaskRCNN(MaskRCNNConfig.preset("r50-fpn")).eval()
+        detections = model.predict([image])  # image: uint8 [3, H, W]
+    """
+
+    def __init__(self, cfg: MaskRCNNConfig, channels_last: bool = True):
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
@@ -25,10 +41,39 @@ class MaskRCNN(nn.Module):
         # Tracks the module's device for inputs (not saved in checkpoints).
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         self._channels_last = False
+        self.to_layout(channels_last)
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are: inputs are moved there."""
         return self._anchor.device
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model runs channels-last (set by :meth:`to_layout`)."""
+        return self._channels_last
+
+    def to_layout(self, channels_last: bool) -> MaskRCNN:
+        """Lay the model out channels-last (NHWC) or contiguous (NCHW); returns self.
+
+        Every convolution weight takes the layout (backbone, FPN, RPN head, box
+        and mask heads), and forward and predict lay out their inputs to match.
+        Training sets it before DDP wraps the model, so that gradients and their
+        buckets share the weights' layout. Channels-last is what oneDNN and
+        tensor cores run fastest. Results agree across layouts
+        to float rounding; :func:`maskrcnn.checkpoint.model_id` does not depend
+        on it, and load_state_dict and ``.to(device)`` keep it.
+
+        Args:
+            channels_last (bool): True for channels-last, False for contiguous.
+
+        Returns:
+            MaskRCNN: self.
+        """
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=layout)
+        self._channels_last = channels_last
+        return self
 
     # --- shared steps -------------------------------------------------------------
     def _as_list(self, images) -> list[Tensor]:
@@ -38,12 +83,13 @@ class MaskRCNN(nn.Module):
             raise ValueError("no images given")
         return list(images)
 
-    def _features(self, batch: Tensor, fast: bool):
-        if self.cfg.channels_last or fast:
-            if not self._channels_last:
-                self.backbone.to(memory_format=torch.channels_last)
-                self.roi_heads.mask_head.to(memory_format=torch.channels_last)
-                self._channels_last = True
+    def _inputs_channels_last(self, fast: bool) -> bool:
+        """Inputs are laid out channels-last when the model is, and always in fast mode
+        (a contiguous model then keeps its weights as they are)."""
+        return self._channels_last or fast
+
+    def _features(self, batch: Tensor, fast: bool) -> list[Tensor]:
+        if self._inputs_channels_last(fast):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return self.backbone(batch)
 
@@ -68,8 +114,24 @@ class MaskRCNN(nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # --- training -------------------------------------------------------------------
-    def forward(self, images, targets: list[dict[str, Tensor]] | None = None, fast: bool = False):
-        """Training: the loss dict. Without targets (eval): the same as predict(images)."""
+    def forward(
+        self, images, targets: list[dict[str, Tensor]] | None = None, fast: bool = False
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: the loss dict. Without targets (eval mode): the same as predict(images).
+
+        Args:
+            images (list[Tensor[3, H_i, W_i]] or Tensor[B, 3, H, W]): uint8 (0..255) or
+                float (0..1) RGB images of any sizes; resized and normalised here.
+            targets (list[dict], optional): per image ``boxes`` float [G_i, 4]
+                (x1, y1, x2, y2) in the image's pixels, ``labels`` int64 [G_i] in
+                1..num_classes-1 and ``masks`` uint8/bool [G_i, H_i, W_i]; G_i may be 0.
+            fast (bool): bf16 autocast and channels-last inputs (see predict).
+
+        Returns:
+            dict[str, Tensor]: fp32 scalars ``loss_objectness``, ``loss_rpn_box_reg``,
+            ``loss_classifier``, ``loss_box_reg`` and ``loss_mask``; without targets,
+            what predict returns.
+        """
         if targets is None:
             if self.training:
                 raise ValueError("training mode needs targets; call model.eval() or predict()")
@@ -106,78 +168,118 @@ class MaskRCNN(nn.Module):
         self,
         images,
         *,
-        fast: bool | None = None,
+        fast: bool = False,
         score_threshold: float | None = None,
         max_detections: int | None = None,
         paste_masks: bool = True,
         original_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Detections per image, in the input image's pixels.
+        """Detections per image, in the input image's pixels (eval mode, no gradient).
 
-        images: uint8 [3, H, W] (or float 0..1) tensors of any sizes; with
-        ``original_sizes`` they are already resize_to_model() outputs and
-        results are mapped back to those (height, width).
-        Returns dicts: boxes fp32 [N, 4] (x1, y1, x2, y2), scores fp32 [N]
-        descending, labels int64 [N], and masks bool [N, H, W] (or, with
-        paste_masks=False, mask_probs fp32 [N, M, M] for masks.paste_masks).
+        Args:
+            images (list[Tensor[3, H_i, W_i]] or Tensor[B, 3, H, W]): uint8 (0..255) or
+                float (0..1) RGB images of any sizes; with ``original_sizes``, float32
+                resize_to_model() outputs instead.
+            fast (bool): bf16 autocast for the convolutions and fc6 (RoIAlign, NMS, box
+                decoding and the box predictor stay fp32), channels-last inputs, and on
+                CPU images of different padded shapes run as separate batches. Scores
+                move by ~1e-3..1e-2. Fastest on a channels-last model (the default).
+            score_threshold (float, optional): class probability a detection must pass
+                (default cfg.box_score_thresh).
+            max_detections (int, optional): most detections per image (default
+                cfg.detections_per_img).
+            paste_masks (bool): paste the masks into the image (else return mask_probs).
+            original_sizes (list[tuple[int, int]], optional): the (height, width) each
+                resized input came from; results are mapped back to those.
+
+        Returns:
+            list[dict[str, Tensor]]: per image ``boxes`` fp32 [N, 4] (x1, y1, x2, y2),
+            ``scores`` fp32 [N] descending, ``labels`` int64 [N] and ``masks`` bool
+            [N, H_i, W_i] (or, with paste_masks=False, ``mask_probs`` fp32 [N, M, M]
+            in 0..1 for masks.paste_masks, M = cfg.mask_resolution).
         """
         images = self._as_list(images)
-        fast = self.cfg.fast if fast is None else fast
         was_training = self.training
         self.eval()
         try:
-            if original_sizes is None:
-                floats = [to_float_image(im.to(self.device), i) for i, im in enumerate(images)]
-                original_sizes = [(im.shape[-2], im.shape[-1]) for im in floats]
-                resized = [resize_to_model(im, self.cfg) for im in floats]
-            else:
-                if len(original_sizes) != len(images):
-                    raise ValueError(f"{len(images)} images but {len(original_sizes)} sizes")
-                resized = [im.to(self.device, torch.float32) for im in images]
+            resized, original_sizes = self._prepare(images, original_sizes)
             sizes = [(int(r.shape[-2]), int(r.shape[-1])) for r in resized]
-            dets: list[dict[str, Tensor]] = [{} for _ in resized]
-            for group in self._padding_groups(sizes, fast):
-                batch, group_sizes = batch_images(
-                    [resized[i] for i in group], self.cfg.size_divisible
-                )
-                with self._autocast(fast):
-                    feats = self._features(batch, fast)
-                    proposals, _ = self.rpn(feats, batch.shape[-2:], group_sizes)
-                    found = self.roi_heads.detect(
-                        feats,
-                        proposals,
-                        group_sizes,
-                        score_threshold,
-                        max_detections,
-                        channels_last=self.cfg.channels_last or fast,
-                    )
-                del feats
-                for i, det in zip(group, found):
-                    dets[i] = det
+            dets = self._detect_batch(resized, sizes, fast, score_threshold, max_detections)
         finally:
             self.train(was_training)
-        out = []
-        for det, size, orig in zip(dets, sizes, original_sizes):
-            ry = torch.tensor(orig[0], dtype=torch.float32) / torch.tensor(
-                size[0], dtype=torch.float32
-            )
-            rx = torch.tensor(orig[1], dtype=torch.float32) / torch.tensor(
-                size[1], dtype=torch.float32
-            )
-            boxes = det["boxes"] * torch.stack([rx, ry, rx, ry]).to(det["boxes"].device)
-            item = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
-            if paste_masks:
-                item["masks"] = mask_ops.paste_masks(
-                    det["mask_probs"], boxes, int(orig[0]), int(orig[1]), self.cfg.mask_threshold
+        return [
+            self._to_original(det, size, orig, paste_masks)
+            for det, size, orig in zip(dets, sizes, original_sizes)
+        ]
+
+    def _prepare(self, images: list[Tensor], original_sizes: list[tuple[int, int]] | None):
+        """The model inputs (float32 [3, h, w] on the device, resized and normalised) and
+        the (height, width) each came from."""
+        if original_sizes is None:
+            floats = [to_float_image(im.to(self.device), i) for i, im in enumerate(images)]
+            original_sizes = [(im.shape[-2], im.shape[-1]) for im in floats]
+            return [resize_to_model(im, self.cfg) for im in floats], original_sizes
+        if len(original_sizes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(original_sizes)} sizes")
+        return [im.to(self.device, torch.float32) for im in images], original_sizes
+
+    def _detect_batch(
+        self,
+        resized: list[Tensor],
+        sizes: list[tuple[int, int]],
+        fast: bool,
+        score_threshold: float | None,
+        max_detections: int | None,
+    ) -> list[dict[str, Tensor]]:
+        """RoIHeads.detect's detections (resized-image pixels) for every input, batched
+        by _padding_groups."""
+        dets: list[dict[str, Tensor]] = [{} for _ in resized]
+        for group in self._padding_groups(sizes, fast):
+            batch, group_sizes = batch_images([resized[i] for i in group], self.cfg.size_divisible)
+            with self._autocast(fast):
+                feats = self._features(batch, fast)
+                proposals, _ = self.rpn(feats, batch.shape[-2:], group_sizes)
+                found = self.roi_heads.detect(
+                    feats,
+                    proposals,
+                    group_sizes,
+                    score_threshold,
+                    max_detections,
+                    channels_last=self._inputs_channels_last(fast),
                 )
-            else:
-                item["mask_probs"] = det["mask_probs"]
-            out.append(item)
-        return out
+            del feats
+            for i, det in zip(group, found):
+                dets[i] = det
+        return dets
+
+    def _to_original(
+        self, det: dict[str, Tensor], size: tuple[int, int], orig, paste_masks: bool
+    ) -> dict[str, Tensor]:
+        """One image's detections scaled from its resized ``size`` to ``orig`` (height,
+        width), with its masks pasted there or left as mask_probs."""
+        ry = torch.tensor(orig[0], dtype=torch.float32) / torch.tensor(size[0], dtype=torch.float32)
+        rx = torch.tensor(orig[1], dtype=torch.float32) / torch.tensor(size[1], dtype=torch.float32)
+        boxes = det["boxes"] * torch.stack([rx, ry, rx, ry]).to(det["boxes"].device)
+        item = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
+        if paste_masks:
+            item["masks"] = mask_ops.paste_masks(
+                det["mask_probs"], boxes, int(orig[0]), int(orig[1]), self.cfg.mask_threshold
+            )
+        else:
+            item["mask_probs"] = det["mask_probs"]
+        return item
 
 
 def check_target(t: dict[str, Tensor], index: int, size, num_classes: int) -> None:
-    """Raise ValueError naming the image when a target is malformed or a box is degenerate."""
+    """Raise ValueError naming the image when a target is malformed or a box is degenerate.
+
+    Args:
+        t (dict[str, Tensor]): ``boxes`` [K, 4] (x1, y1, x2, y2), ``labels`` [K], ``masks``
+            [K, H, W].
+        index (int): the image's position in the batch, for the message.
+        size (tuple[int, int]): (H, W) of the image.
+        num_classes (int): classes including the background; labels must be in 1..that - 1.
+    """
     for key in ("boxes", "labels", "masks"):
         if key not in t:
             raise ValueError(f"image {index}: target has no {key!r}")

@@ -26,9 +26,20 @@ _ROIS_PER_CHUNK = 2048
 def assign_levels(
     boxes: Tensor, canonical_scale: int, canonical_level: int, k_min: int, k_max: int
 ) -> Tensor:
-    """FPN level index (0 = k_min) per box: int64 [N].
+    """The FPN level each box is pooled from (the paper's Eq. 1).
 
-    k = floor(k0 + log2(sqrt(w * h) / 224)), clamped to [k_min, k_max].
+    k = floor(k0 + log2(sqrt(w * h) / 224)), clamped to [k_min, k_max], with
+    k0 = canonical_level and 224 = canonical_scale.
+
+    Args:
+        boxes (Tensor[N, 4]): float boxes, (x1, y1, x2, y2) in image pixels.
+        canonical_scale (int): the side of a box that goes to canonical_level.
+        canonical_level (int): k0.
+        k_min (int): the finest level pooled (2 for P2).
+        k_max (int): the coarsest level pooled (5 for P5).
+
+    Returns:
+        Tensor[N]: int64 k - k_min, an index into the pooled levels.
     """
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     k = torch.floor(
@@ -40,7 +51,15 @@ def assign_levels(
 
 
 def level_scales(feats: list[Tensor], batch_shape: tuple[int, int]) -> list[float]:
-    """Feature-map / image scale of each level, rounded to a power of two (1/4, 1/8, ...)."""
+    """Feature-map / image scale of each level, rounded to a power of two (1/4, 1/8, ...).
+
+    Args:
+        feats (list[Tensor[B, C, H_l, W_l]]): the levels.
+        batch_shape (tuple[int, int]): (H, W) of the images they were computed from.
+
+    Returns:
+        list[float]: 2 ** -k for level P_k, one per map.
+    """
     return [2.0 ** round(math.log2(f.shape[-2] / batch_shape[0])) for f in feats]
 
 
@@ -51,8 +70,16 @@ def _gathers_on(device: torch.device) -> bool:
 
 
 def inference_maps(feats: list[Tensor]) -> list[Tensor]:
-    """P2..P5 laid out once for all inference poolings of a batch: fp32, channels-last
-    where the gathered kernel reads them, NCHW for torchvision's kernel."""
+    """The pooled levels laid out once for all inference poolings of a batch.
+
+    Args:
+        feats (list[Tensor[B, C, H_l, W_l]]): the levels RoIAlign reads (P2..P5), any
+            float dtype and layout.
+
+    Returns:
+        list[Tensor[B, C, H_l, W_l]]: the same maps in fp32, channels-last where the
+        gathered kernel reads them (CPU), NCHW for torchvision's kernel (GPU).
+    """
     cpu = _gathers_on(feats[0].device)
     layout = torch.channels_last if cpu else torch.contiguous_format
     return [f.float().contiguous(memory_format=layout) for f in feats]
@@ -92,9 +119,18 @@ def roi_align_gathered(
 ) -> Tensor:
     """torchvision's roi_align (fixed sampling_ratio > 0) as one weighted gather.
 
-    feat: [B, C, H, W] of any float dtype, best channels-last; rois: fp32
-    [R, 5] (batch index, x1, y1, x2, y2) in image pixels. Returns fp32
-    [R, output_size, output_size, C] (channels last). No gradient.
+    No gradient: inference only.
+
+    Args:
+        feat (Tensor[B, C, H, W]): one level, any float dtype, best channels-last.
+        rois (Tensor[R, 5]): fp32 (batch index, x1, y1, x2, y2) in image pixels.
+        output_size (int): n, bins per side.
+        spatial_scale (float): feature pixels per image pixel (1/4 for P2).
+        sampling_ratio (int): bilinear samples per bin and axis, > 0.
+        aligned (bool): shift the RoI by half a pixel (roi_align's ``aligned``).
+
+    Returns:
+        Tensor[R, n, n, C]: fp32, channels last.
     """
     b_, c, h, w = feat.shape
     table = feat.float().permute(0, 2, 3, 1).reshape(b_ * h * w, c)
@@ -134,22 +170,34 @@ def multiscale_roi_align(
     canonical_scale: int = 224,
     canonical_level: int = 4,
 ) -> Tensor:
-    """Pool every box from its level: feats P2..P5 [B, C, H_l, W_l], boxes per image [K_i, 4].
+    """Pool every box from the level its size selects (assign_levels).
 
-    Returns fp32 [sum K_i, C, output_size, output_size] in the boxes' order
-    (channels-last memory when pooled by the gathered kernel). RoIAlign runs
-    in fp32 whatever the features' dtype.
+    The levels' numbers come from their sizes against the batch's largest
+    image (level_scales), so ``feats`` must be consecutive levels, finest first.
+    RoIAlign runs in fp32 whatever the features' dtype; torchvision's kernel
+    (with its backward) when a gradient is needed or off CPU, the gathered
+    one otherwise.
+
+    Args:
+        feats (list[Tensor[B, C, H_l, W_l]]): the pooled levels, e.g. P2..P5.
+        boxes (list[Tensor[K_i, 4]]): float boxes per image, (x1, y1, x2, y2) in
+            image pixels.
+        image_sizes (list[tuple[int, int]]): (height, width) of each image.
+        output_size (int): n, bins per side.
+        sampling_ratio (int): bilinear samples per bin and axis.
+        aligned (bool): half-pixel offset (roi_align's ``aligned``).
+        canonical_scale (int): see assign_levels.
+        canonical_level (int): see assign_levels.
+
+    Returns:
+        Tensor[sum K_i, C, n, n]: fp32, in the boxes' order (channels-last memory
+        when pooled by the gathered kernel).
     """
     # The scale is taken against the largest image of the batch, as feature maps are.
     ref = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
     scales = level_scales(feats, ref)
     k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
-    rois = torch.cat(
-        [
-            torch.cat([torch.full_like(b[:, :1], i), b], dim=1)
-            for i, b in enumerate(b.float() for b in boxes)
-        ]
-    )
+    rois = _batched_rois(boxes)
     channels = feats[0].shape[1]
     needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
     gathered = _gathers_on(feats[0].device) and not needs_grad and sampling_ratio > 0
@@ -164,18 +212,44 @@ def multiscale_roi_align(
         idx = torch.nonzero(levels == lvl).squeeze(1)
         if idx.numel() == 0:
             continue
+        pooled = _align_level(
+            feat, rois[idx], output_size, scale, sampling_ratio, aligned, gathered
+        )
         if gathered:
-            pooled = roi_align_gathered(
-                feat, rois[idx], output_size, scale, sampling_ratio, aligned
-            )
             out.index_copy_(0, idx, pooled)
         else:
-            out[idx] = roi_align(
-                feat.float(),
-                rois[idx],
-                output_size=output_size,
-                spatial_scale=scale,
-                sampling_ratio=sampling_ratio,
-                aligned=aligned,
-            )
+            out[idx] = pooled
     return out.permute(0, 3, 1, 2) if gathered else out
+
+
+def _batched_rois(boxes: list[Tensor]) -> Tensor:
+    """Boxes per image [K_i, 4] -> fp32 [sum K_i, 5] (image index, x1, y1, x2, y2)."""
+    return torch.cat(
+        [
+            torch.cat([torch.full_like(b[:, :1], i), b], dim=1)
+            for i, b in enumerate(b.float() for b in boxes)
+        ]
+    )
+
+
+def _align_level(
+    feat: Tensor,
+    rois: Tensor,
+    output_size: int,
+    scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    gathered: bool,
+) -> Tensor:
+    """RoIAlign of one level's rois: fp32 [R, n, n, C] by the gathered kernel, else
+    [R, C, n, n] by torchvision's."""
+    if gathered:
+        return roi_align_gathered(feat, rois, output_size, scale, sampling_ratio, aligned)
+    return roi_align(
+        feat.float(),
+        rois,
+        output_size=output_size,
+        spatial_scale=scale,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+    )

@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from maskrcnn.anchors import (
+    IGNORE,
+    IGNORED_LABEL,
     clip_boxes,
     decode_boxes,
     encode_boxes,
@@ -16,13 +18,18 @@ from maskrcnn.anchors import (
     sample_balanced,
 )
 from maskrcnn.backbone import conv_block
-from maskrcnn.config import MaskRCNNConfig
+from maskrcnn.config import FPN_LEVELS, MaskRCNNConfig
 from maskrcnn.masks import mask_targets
 from maskrcnn.poolers import inference_maps, multiscale_roi_align
 
 
 class BoxHead(nn.Module):
-    """RoI features [K, C, 7, 7] -> [K, box_head_dim] (2fc, or 4conv1fc with BatchNorm)."""
+    """RoI features [K, C, 7, 7] -> [K, box_head_dim] (2fc, or 4conv1fc with BatchNorm).
+
+    Args:
+        cfg (MaskRCNNConfig): box_head, box_head_dim and box_roi_size.
+        channels (int): C, channels of the pooled features.
+    """
 
     def __init__(self, cfg: MaskRCNNConfig, channels: int):
         super().__init__()
@@ -50,7 +57,14 @@ class BoxHead(nn.Module):
 
 
 class BoxPredictor(nn.Module):
-    """[K, D] -> class logits [K, num_classes] and per-class deltas [K, num_classes * 4]."""
+    """[K, D] -> class logits [K, num_classes] and per-class deltas [K, num_classes * 4].
+
+    Runs in fp32, outside autocast: it decides scores and boxes.
+
+    Args:
+        dim (int): D, the box head's width.
+        num_classes (int): classes including the background.
+    """
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
@@ -64,7 +78,12 @@ class BoxPredictor(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """FCN on [K, C, 14, 14]: 3x3 convs, 2x2 deconv, 1x1 -> logits [K, num_classes, 28, 28]."""
+    """FCN on [K, C, 14, 14]: 3x3 convs, 2x2 deconv, 1x1 -> logits [K, num_classes, 28, 28].
+
+    Args:
+        cfg (MaskRCNNConfig): mask_head_channels, mask_head_norm and num_classes.
+        channels (int): C, channels of the pooled features.
+    """
 
     def __init__(self, cfg: MaskRCNNConfig, channels: int):
         super().__init__()
@@ -86,6 +105,19 @@ class MaskHead(nn.Module):
 
 
 class RoIHeads(nn.Module):
+    """The second stage: RoIAlign, the box head and predictor, and the mask head.
+
+    Training: calling the module (forward is :meth:`losses`) samples RoIs
+    among the proposals and returns the head losses. Inference: :meth:`detect` scores
+    and refines the proposals, keeps the best per class after NMS, and
+    predicts a mask for each detection. RoIs are pooled from the FPN levels
+    ``cfg.roi_pool_levels``, each box from the level its size selects.
+
+    Args:
+        cfg (MaskRCNNConfig): the model's config.
+        channels (int): channels of the FPN maps (cfg.fpn_channels).
+    """
+
     def __init__(self, cfg: MaskRCNNConfig, channels: int):
         super().__init__()
         self.cfg = cfg
@@ -93,10 +125,20 @@ class RoIHeads(nn.Module):
         self.box_predictor = BoxPredictor(cfg.box_head_dim, cfg.num_classes)
         self.mask_head = MaskHead(cfg, channels)
 
+    def pool_maps(self, feats: list[Tensor]) -> list[Tensor]:
+        """The levels of the pyramid (P2..P6, as Backbone returns it) RoIAlign reads:
+        cfg.roi_pool_levels, in order."""
+        return [feats[FPN_LEVELS.index(k)] for k in self.cfg.roi_pool_levels]
+
     def _pool(self, feats, boxes, image_sizes, size: int) -> Tensor:
+        """RoIAlign of ``boxes`` from the pyramid ``feats`` (P2..P6) on the pooled levels."""
+        return self._align(self.pool_maps(feats), boxes, image_sizes, size)
+
+    def _align(self, maps, boxes, image_sizes, size: int) -> Tensor:
+        """RoIAlign of ``boxes`` from ``maps``, the pooled levels (see pool_maps)."""
         cfg = self.cfg
         return multiscale_roi_align(
-            feats[:4],
+            maps,
             boxes,
             image_sizes,
             size,
@@ -112,24 +154,38 @@ class RoIHeads(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return head(x)
 
-    def forward(
+    # --- training ---------------------------------------------------------------
+    def losses(
         self,
         feats: list[Tensor],
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
-        targets: list[dict[str, Tensor]] | None = None,
-    ):
-        """Training (targets given): the head losses. Inference: detections per image.
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """The box and mask head losses over RoIs sampled among proposals and ground truth.
 
-        Detections are dicts with boxes fp32 [N, 4] (resized-image pixels),
-        scores [N], labels int64 [N] and mask_probs fp32 [N, M, M].
+        Ground-truth boxes join each image's proposals; a RoI with IoU at or
+        above box_fg_iou_thresh takes its box's class, below
+        box_bg_iou_thresh it is background, between it is ignored; then
+        box_batch_size_per_image RoIs are sampled per image, at most
+        box_positive_fraction of them foreground.
+
+        Args:
+            feats (list[Tensor[B, C, H_l, W_l]]): the FPN levels P2..P6 (fp32, or
+                bf16 under autocast).
+            proposals (list[Tensor[P_i, 4]]): fp32 proposals per image, (x1, y1, x2, y2)
+                in resized-image pixels.
+            image_sizes (list[tuple[int, int]]): (height, width) of each resized image.
+            targets (list[dict]): per image, ``boxes`` fp32 [G_i, 4] (x1, y1, x2, y2,
+                resized pixels), ``labels`` int64 [G_i] in 1..num_classes-1, ``masks``
+                uint8/bool [G_i, H, W] at the original size, and ``mask_scale`` fp32 [4]
+                (sx, sy, sx, sy) from original to resized pixels.
+
+        Returns:
+            dict[str, Tensor]: fp32 scalars ``loss_classifier`` (cross-entropy over the
+            sampled RoIs), ``loss_box_reg`` (smooth-L1 of the class's deltas on the
+            foreground RoIs, over the number sampled) and ``loss_mask`` (see mask_loss).
         """
-        if targets is not None:
-            return self.losses(feats, proposals, image_sizes, targets)
-        return self.detect(feats, proposals, image_sizes)
-
-    # --- training ---------------------------------------------------------------
-    def losses(self, feats, proposals, image_sizes, targets) -> dict[str, Tensor]:
         cfg = self.cfg
         rois, labels, regression, matched_gt = [], [], [], []
         for props, t in zip(proposals, targets):
@@ -137,7 +193,7 @@ class RoIHeads(nn.Module):
             m = match(t["boxes"], props, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False)
             lab = t["labels"][m.clamp(min=0)] if t["boxes"].numel() else m.clamp(min=0)
             lab = torch.where(m >= 0, lab, torch.zeros_like(lab))
-            lab[m == -2] = -1
+            lab[m == IGNORE] = IGNORED_LABEL
             pos, neg = sample_balanced(lab, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
             keep = torch.cat([pos, neg])
             rois.append(props[keep])
@@ -160,8 +216,26 @@ class RoIHeads(nn.Module):
         losses["loss_mask"] = self.mask_loss(feats, rois, labels, matched_gt, image_sizes, targets)
         return losses
 
+    # Calling the module trains: forward is losses. Inference is detect.
+    forward = losses
+
     def mask_loss(self, feats, rois, labels, matched_gt, image_sizes, targets) -> Tensor:
-        """Per-pixel BCE on the ground-truth class's channel of the positive RoIs."""
+        """Per-pixel BCE on the ground-truth class's channel of the positive RoIs.
+
+        Args:
+            feats (list[Tensor[B, C, H_l, W_l]]): the FPN levels P2..P6.
+            rois (list[Tensor[K_i, 4]]): the sampled RoIs per image, (x1, y1, x2, y2)
+                in resized-image pixels.
+            labels (list[Tensor[K_i]]): int64 class per RoI, 0 for background.
+            matched_gt (list[Tensor[K_i]]): int64 index of each RoI's ground-truth box.
+            image_sizes (list[tuple[int, int]]): (height, width) of each resized image.
+            targets (list[dict]): as for :meth:`losses` (``masks``, ``mask_scale``).
+
+        Returns:
+            Tensor: fp32 scalar, the mean BCE over the mask_resolution**2 pixels of
+            every positive RoI; a zero connected to the mask head's weights when
+            there are none.
+        """
         size = self.cfg.mask_resolution
         pos_rois, pos_labels, goals = [], [], []
         for r, lab, m, t in zip(rois, labels, matched_gt, targets):
@@ -183,46 +257,76 @@ class RoIHeads(nn.Module):
     @torch.no_grad()
     def detect(
         self,
-        feats,
-        proposals,
-        image_sizes,
+        feats: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
         score_thresh: float | None = None,
         max_detections: int | None = None,
         channels_last: bool = False,
     ) -> list[dict[str, Tensor]]:
+        """Detections per image: class-specific boxes after per-class NMS, with masks.
+
+        Args:
+            feats (list[Tensor[B, C, H_l, W_l]]): the FPN levels P2..P6 (fp32, or bf16
+                under autocast: the heads then run in that dtype).
+            proposals (list[Tensor[P_i, 4]]): fp32 proposals per image, (x1, y1, x2, y2)
+                in resized-image pixels.
+            image_sizes (list[tuple[int, int]]): (height, width) of each resized image;
+                boxes are clipped to it.
+            score_thresh (float, optional): class probability a detection must pass
+                (default cfg.box_score_thresh).
+            max_detections (int, optional): most detections per image (default
+                cfg.detections_per_img).
+            channels_last (bool): lay the mask head's input out channels-last (as
+                MaskRCNN does when it, or fast mode, runs channels-last).
+
+        Returns:
+            list[dict[str, Tensor]]: per image ``boxes`` fp32 [N, 4] (x1, y1, x2, y2,
+            resized-image pixels), ``scores`` fp32 [N] descending, ``labels`` int64 [N]
+            in 1..num_classes-1 and ``mask_probs`` fp32 [N, M, M] in 0..1
+            (M = cfg.mask_resolution), each mask the probability map of its box.
+        """
         cfg = self.cfg
         score_thresh = cfg.box_score_thresh if score_thresh is None else score_thresh
         max_det = cfg.detections_per_img if max_detections is None else max_detections
-        dtype = feats[0].dtype
-        pool_feats = inference_maps(feats[:4])  # laid out once for both poolings
-        pooled = self._pool(pool_feats, proposals, image_sizes, cfg.box_roi_size)
-        logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
+        maps = inference_maps(self.pool_maps(feats))  # laid out once for both poolings
+        pooled = self._align(maps, proposals, image_sizes, cfg.box_roi_size)
+        logits, deltas = self.box_predictor(self.box_head(pooled.to(feats[0].dtype)))
         probs = F.softmax(logits.float(), -1)
         boxes = decode_boxes(deltas.float(), torch.cat(proposals), cfg.bbox_reg_weights)
-        c = cfg.num_classes
-        results = []
-        for i, (b, p) in enumerate(
-            zip(boxes.split([len(x) for x in proposals]), probs.split([len(x) for x in proposals]))
-        ):
-            b = clip_boxes(b, image_sizes[i])[:, 1:].reshape(-1, 4)
-            s = p[:, 1:].reshape(-1)
-            lab = torch.arange(1, c, device=b.device).repeat(p.shape[0])
-            keep = (s > score_thresh) & nonempty(b, 1e-2)
-            b, s, lab = b[keep], s[keep], lab[keep]
-            keep = batched_nms(b, s, lab, cfg.box_nms_thresh)[:max_det]
-            results.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
-        # Masks for all detections of the batch in one pass of the mask head.
+        counts = [len(x) for x in proposals]
+        results = [
+            self._select(b, p, size, score_thresh, max_det)
+            for b, p, size in zip(boxes.split(counts), probs.split(counts), image_sizes)
+        ]
+        self._add_masks(results, maps, image_sizes, feats[0].dtype, channels_last)
+        return results
+
+    def _select(self, boxes: Tensor, probs: Tensor, size, score_thresh: float, max_det: int):
+        """One image's detections from its decoded boxes [P, num_classes, 4] and class
+        probabilities [P, num_classes]: every (box, class) pair but the background's
+        above score_thresh and not empty, after per-class NMS, best max_det first."""
+        b = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)
+        s = probs[:, 1:].reshape(-1)
+        lab = torch.arange(1, self.cfg.num_classes, device=b.device).repeat(probs.shape[0])
+        keep = (s > score_thresh) & nonempty(b, 1e-2)
+        b, s, lab = b[keep], s[keep], lab[keep]
+        keep = batched_nms(b, s, lab, self.cfg.box_nms_thresh)[:max_det]
+        return {"boxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+
+    def _add_masks(self, results, maps, image_sizes, dtype: torch.dtype, channels_last: bool):
+        """Set each result's ``mask_probs``: the mask head, for all detections of the
+        batch in one pass, on its label's channel."""
         det_boxes = [r["boxes"] for r in results]
         if sum(len(b) for b in det_boxes) == 0:
-            m = cfg.mask_resolution
+            m = self.cfg.mask_resolution
             for r in results:
                 r["mask_probs"] = torch.zeros((0, m, m), device=r["boxes"].device)
-            return results
-        pooled = self._pool(pool_feats, det_boxes, image_sizes, cfg.mask_roi_size)
-        del pool_feats
+            return
+        pooled = self._align(maps, det_boxes, image_sizes, self.cfg.mask_roi_size)
+        maps.clear()  # the maps' memory goes before the mask head's
         logits = self._run(self.mask_head, pooled, dtype, channels_last).float()
         labels = torch.cat([r["labels"] for r in results])
         mask_probs = torch.sigmoid(logits[torch.arange(len(labels), device=labels.device), labels])
         for r, mp in zip(results, mask_probs.split([len(b) for b in det_boxes])):
             r["mask_probs"] = mp
-        return results

@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from maskrcnn.anchors import (
+    IGNORE,
+    IGNORED_LABEL,
     AnchorGenerator,
     clip_boxes,
     decode_boxes,
@@ -22,7 +24,13 @@ RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 class RPNHead(nn.Module):
-    """Shared across levels: 3x3 conv(s) + ReLU, then 1x1 objectness (A) and deltas (4A)."""
+    """Shared across levels: 3x3 conv(s) + ReLU, then 1x1 objectness (A) and deltas (4A).
+
+    Args:
+        channels (int): channels of the FPN maps.
+        num_anchors (int): A, anchors per location.
+        conv_depth (int): 3x3 convs before the two outputs (torchvision v2: 2).
+    """
 
     def __init__(self, channels: int, num_anchors: int, conv_depth: int = 1):
         super().__init__()
@@ -40,7 +48,15 @@ class RPNHead(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per level: objectness [B, A, H, W] and deltas [B, 4A, H, W]."""
+        """Objectness logits and box deltas at every location of every level.
+
+        Args:
+            feats (list[Tensor[B, C, H_l, W_l]]): the FPN levels.
+
+        Returns:
+            tuple[list[Tensor[B, A, H_l, W_l]], list[Tensor[B, 4A, H_l, W_l]]]: per level
+            the objectness logits and the (t_x, t_y, t_w, t_h) deltas, in the maps' dtype.
+        """
         logits, deltas = [], []
         for f in feats:
             t = self.conv(f)
@@ -50,12 +66,28 @@ class RPNHead(nn.Module):
 
 
 def flatten_level(x: Tensor, c: int) -> Tensor:
-    """[B, A*c, H, W] -> [B, H*W*A, c], matching grid_anchors' (row, column, anchor) order."""
+    """One level's head output as rows in grid_anchors' (row, column, anchor) order.
+
+    Args:
+        x (Tensor[B, A * c, H, W]): objectness (c = 1) or deltas (c = 4) of one level.
+        c (int): values per anchor.
+
+    Returns:
+        Tensor[B, H * W * A, c]: the same values, one row per anchor.
+    """
     b, _, h, w = x.shape
     return x.view(b, -1, c, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, c)
 
 
 class RPN(nn.Module):
+    """Region Proposal Network: objectness and box deltas for the anchors of every FPN
+    level, decoded into proposals by top-n per level and NMS.
+
+    Args:
+        cfg (MaskRCNNConfig): the model's config (anchor_sizes, aspect_ratios, rpn_*).
+        in_channels (int): channels of the FPN maps.
+    """
+
     def __init__(self, cfg: MaskRCNNConfig, in_channels: int):
         super().__init__()
         self.cfg = cfg
@@ -69,7 +101,22 @@ class RPN(nn.Module):
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Proposals per image ([P_i, 4], fp32, resized-image pixels) and, with targets, losses."""
+        """Proposals per image and, given targets, the RPN losses.
+
+        Args:
+            feats (list[Tensor[B, C, H_l, W_l]]): the FPN levels P2..P6.
+            batch_shape (tuple[int, int]): (H, W) of the padded batch.
+            image_sizes (list[tuple[int, int]]): (height, width) of each image in it;
+                proposals are clipped to it.
+            targets (list[dict], optional): per image ``boxes`` fp32 [G_i, 4]
+                (x1, y1, x2, y2, resized pixels); training only.
+
+        Returns:
+            tuple[list[Tensor[P_i, 4]], dict[str, Tensor]]: fp32 proposals per image,
+            (x1, y1, x2, y2) in resized-image pixels, best first (no gradient); and
+            ``loss_objectness`` and ``loss_rpn_box_reg`` (fp32 scalars), empty without
+            targets.
+        """
         logits, deltas = self.head(feats)
         anchors = self.anchors(batch_shape, [f.shape[-2:] for f in feats], feats[0].device)
         per_level = [a.shape[0] for a in anchors]
@@ -91,7 +138,14 @@ class RPN(nn.Module):
     ) -> list[Tensor]:
         """Top-n per level, clip, drop tiny boxes, NMS per level, keep post-NMS top-n.
 
-        boxes [B, N, 4], logits [B, N] over all levels' anchors.
+        Args:
+            boxes (Tensor[B, N, 4]): fp32 decoded anchors of all levels, (x1, y1, x2, y2).
+            logits (Tensor[B, N]): fp32 objectness logits of the same anchors.
+            per_level (list[int]): anchors per level, in the order of N.
+            image_sizes (list[tuple[int, int]]): (height, width) of each image.
+
+        Returns:
+            list[Tensor[P_i, 4]]: fp32 proposals per image, by descending objectness.
         """
         train = self.training
         pre_n = self.cfg.rpn_pre_nms_top_n_train if train else self.cfg.rpn_pre_nms_top_n_test
@@ -120,7 +174,23 @@ class RPN(nn.Module):
     def losses(
         self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        """Objectness BCE over sampled anchors; smooth-L1 box loss on the positives."""
+        """Objectness BCE over sampled anchors; smooth-L1 box loss on the positives.
+
+        Anchors with IoU >= rpn_fg_iou_thresh (or the best for some box) are
+        positive, below rpn_bg_iou_thresh negative, between ignored;
+        rpn_batch_size_per_image are sampled per image.
+
+        Args:
+            logits (Tensor[B, N]): fp32 objectness logits over all levels' anchors.
+            deltas (Tensor[B, N, 4]): fp32 predicted (t_x, t_y, t_w, t_h).
+            anchors (Tensor[N, 4]): fp32 anchors, (x1, y1, x2, y2).
+            targets (list[dict]): per image ``boxes`` fp32 [G_i, 4] (x1, y1, x2, y2).
+
+        Returns:
+            dict[str, Tensor]: fp32 scalars ``loss_objectness`` (mean BCE over the
+            sampled anchors) and ``loss_rpn_box_reg`` (smooth-L1 summed over the
+            positives, over the number sampled).
+        """
         cfg = self.cfg
         labels, regression = [], []
         for t in targets:
@@ -128,7 +198,7 @@ class RPN(nn.Module):
                 t["boxes"], anchors, cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, low_quality=True
             )
             lab = (m >= 0).to(torch.int64)
-            lab[m == -2] = -1  # ignored between the thresholds
+            lab[m == IGNORE] = IGNORED_LABEL
             labels.append(lab)
             gt = t["boxes"][m.clamp(min=0)] if t["boxes"].numel() else anchors
             regression.append(encode_boxes(gt, anchors, RPN_WEIGHTS))

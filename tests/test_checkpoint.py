@@ -3,6 +3,7 @@ and torchvision imports that do not fit."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import (
+    FORMAT,
     CheckpointError,
     from_torchvision,
     load,
@@ -103,6 +105,25 @@ def test_model_id_is_stable_and_follows_the_weights(model):
     renamed = MaskRCNN(model.cfg.replace(class_names=["bg", "a", "b", "c"]))
     renamed.load_state_dict(model.state_dict())
     assert model_id(renamed) != first  # the config (class names) is part of the identity
+
+
+def test_one_id_whatever_the_layout_and_old_run_options(model, images, reference, tmp_path):
+    """Layout and run options are not architecture: the same weights have one id, and a
+    checkpoint whose config still holds the old "fast"/"channels_last" keys loads."""
+    first = model_id(model)
+    contiguous = MaskRCNN(model.cfg, channels_last=False)
+    contiguous.load_state_dict(model.state_dict())
+    assert not contiguous.channels_last and model.channels_last
+    assert model_id(contiguous) == first
+    assert model_id(contiguous.to_layout(True)) == first
+    old = {**model.cfg.to_dict(), "fast": True, "channels_last": False}
+    assert MaskRCNNConfig.from_dict(old) == model.cfg
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={"format": FORMAT, "config": json.dumps(old)})
+    loaded = load(str(path))
+    assert loaded.channels_last  # the default layout, whatever the old config said
+    assert_round_trip(loaded, model, images, reference)
 
 
 def test_pickle_is_refused_unless_allowed(model, images, reference, tmp_path):

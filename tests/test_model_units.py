@@ -203,6 +203,17 @@ def test_fpn_level_assignment():
     assert levels.dtype == torch.int64
 
 
+def test_roi_pool_levels_name_the_pooled_maps_and_hold_the_canonical_level():
+    cfg = MaskRCNNConfig.preset("tiny", num_classes=3, roi_pool_levels=(3, 4, 5))
+    pyramid = [torch.zeros(1, 8, 256 // s, 256 // s) for s in STRIDES]  # P2..P6
+    maps = RoIHeads(cfg, 8).pool_maps(pyramid)
+    assert [m.shape[-1] for m in maps] == [32, 16, 8]  # P3, P4, P5
+    assert len(RoIHeads(MaskRCNNConfig.preset("tiny"), 8).pool_maps(pyramid)) == 4  # P2..P5
+    for bad in [(2, 4, 5), (1, 2, 3, 4), (5, 4, 3), (), (2, 3)]:  # (2, 3): no P4, k0 = 4
+        with pytest.raises(ValueError, match="roi_pool_levels"):
+            MaskRCNNConfig.preset("tiny", roi_pool_levels=bad)
+
+
 # --- matching and sampling -------------------------------------------------------------------------
 
 
@@ -561,6 +572,7 @@ def test_predict_output_contract(contract_outputs, contract_images, tiny_cfg):
 
 
 def assert_same_detections(a, b) -> None:
+    assert len(a) == len(b) > 0, (len(a), len(b))  # zip would stop at the shorter
     for x, y in zip(a, b):
         assert set(x) == set(y)
         for key in x:
@@ -612,7 +624,7 @@ def test_score_threshold_and_max_detections(random_tiny_model, contract_images, 
 
 
 def test_fast_mode_keeps_the_contract(random_tiny_model, contract_images, tiny_cfg):
-    model = copy.deepcopy(random_tiny_model)  # fast mode may change the weights' layout
+    model = random_tiny_model
     out = model.predict(contract_images, fast=True)
     check_contract(out, contract_images, tiny_cfg.num_classes)
     assert all(len(d["boxes"]) > 0 for d in out)
@@ -622,6 +634,24 @@ def test_fast_mode_keeps_the_contract(random_tiny_model, contract_images, tiny_c
     assert shapes[0] != shapes[1]
     alone = [model.predict([im], fast=True)[0] for im in contract_images]
     assert_same_detections(out, alone)
+
+
+def test_layout_is_set_when_built_and_fast_mode_lays_out_only_its_inputs(
+    random_tiny_model, contract_images, tiny_cfg
+):
+    weight = random_tiny_model.backbone.body.conv1.weight
+    assert random_tiny_model.channels_last  # the default
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    model = MaskRCNN(tiny_cfg, channels_last=False).eval()
+    model.load_state_dict(random_tiny_model.state_dict())
+    assert not model.channels_last and model.backbone.body.conv1.weight.is_contiguous()
+    # Fast mode runs channels-last whatever the model's layout, and leaves the weights be.
+    out = model.predict(contract_images, fast=True)
+    assert model.backbone.body.conv1.weight.is_contiguous() and not model.channels_last
+    assert_same_detections(out, random_tiny_model.predict(contract_images, fast=True))
+    assert model.to_layout(True) is model and model.channels_last
+    for conv in (model.backbone.body.conv1, model.roi_heads.mask_head.deconv):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _norm_with_stats(norm: nn.Module, channels: int) -> nn.Module:
