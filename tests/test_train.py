@@ -33,8 +33,10 @@ from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import load, model_id
 from pipeline.formats.coco import CocoDataset
 from pipeline.formats.shapes import make_shapes_dataset
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.data import BatchPlan, hflip, input_size, train_input_size
-from pipeline.train.state import TrainSpec, load_checkpoint, lr_factor, save_checkpoint
+from pipeline.train.schedule import lr_factor
+from pipeline.train.spec import TrainSpec
 
 SMALL_RUN = [
     "--preset", "tiny", "--min-size", "64", "--max-size", "64",

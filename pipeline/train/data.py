@@ -142,3 +142,24 @@ def input_size(model: Any, min_size: int, max_size: int) -> Iterator[None]:
         yield
     finally:
         model.cfg = original
+
+
+class LastGoodBatch:
+    """Stands in for a batch whose every image was unreadable: the last good batch.
+
+    Every rank must step at every iteration (DDP's all-reduces line up), so a
+    rank whose batch came back empty (each bad image logged once) repeats its
+    last good batch, or its shard's first readable sample before it had one.
+    """
+
+    def __init__(self, shard: CocoDataset) -> None:
+        self.shard = shard
+        self.last: tuple[list, list] | None = None
+
+    def __call__(self, images: list, targets: list) -> tuple[list, list]:
+        """(images, targets), or the stand-in when ``images`` is empty."""
+        if images:
+            self.last = (images, targets)
+            return images, targets
+        self.last = self.last or CocoDataset.collate([next(iter(self.shard))])
+        return self.last

@@ -5,63 +5,76 @@ restart after a lost worker, re-run of the same command) begins from
 ``ray.train.get_checkpoint()`` when there is one. Every worker does the same
 number of optimizer steps, so DDP's all-reduces line up whatever each shard
 holds. Rank 0 logs, evaluates and writes the checkpoints.
+
+    set up the process -> build the learner -> restore -> shard + status file
+      -> wrap in DDP -> per iteration: seed, step, and when due: log, evaluate, report
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import socket
 import tempfile
-import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline import storage
-from pipeline.train.data import AugmentedShard, BatchPlan, input_size, train_input_size
-from pipeline.train.state import (
-    Evaluator,
-    TrainSpec,
-    amp_mode,
-    load_checkpoint,
-    lr_factor,
-    save_checkpoint,
-)
-
-LOSS_NAMES = {
-    "loss_objectness": "obj",
-    "loss_rpn_box_reg": "rpn_box",
-    "loss_classifier": "cls",
-    "loss_box_reg": "box",
-    "loss_mask": "mask",
-}
-WORKERS_DIR = "workers"
+from pipeline.formats.coco import CocoDataset
+from pipeline.train.data import AugmentedShard, BatchPlan, LastGoodBatch, train_input_size
+from pipeline.train.evaluator import Evaluator
+from pipeline.train.learner import Learner
+from pipeline.train.progress import LossWindow, format_eval, format_log, write_worker_status
+from pipeline.train.spec import TrainSpec
 
 
-def write_worker_status(
-    spec: TrainSpec, rank: int, world: int, start: int, shard_images: int
-) -> None:
-    """STORAGE/NAME/workers/rank-R.json: which process is worker R and where it started.
+@dataclass
+class Worker:
+    """This process's place in the worker group."""
 
-    Written at the start of every attempt: operators (and the fault-tolerance
-    test) find a worker's process and the iteration it resumed from.
-    """
-    status = {
-        "rank": rank,
-        "world_size": world,
-        "pid": os.getpid(),
-        "hostname": socket.gethostname(),
-        "start_iteration": start,
-        "shard_images": shard_images,
-        "time": time.time(),
-    }
-    fs, path = storage.get_fs(storage.join(spec.storage, WORKERS_DIR), spec.storage_options)
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(f"{path}/rank-{rank}.json", json.dumps(status).encode())
+    rank: int
+    world: int
+    device: torch.device
+
+
+class Due(NamedTuple):
+    """What iteration ``step`` ends with, besides its optimizer step."""
+
+    log: bool
+    checkpoint: bool
+    evaluate: bool
+
+    @classmethod
+    def at(cls, spec: TrainSpec, step: int, start: int) -> Due:
+        last = step == spec.iterations
+        return cls(
+            log=step % spec.log_every == 0 or last or step == start + 1,
+            checkpoint=step % spec.checkpoint_every == 0 or last,
+            evaluate=bool(spec.val_data)
+            and ((spec.eval_every > 0 and step % spec.eval_every == 0) or last),
+        )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config`` is a TrainSpec as a dict."""
+    spec = TrainSpec(**config)
+    worker = _set_up_process(spec)
+    learner = Learner.build(spec, worker.device)
+    start, resumed = _restore(learner)
+    shard = CocoDataset(spec.data, storage_options=spec.data_options).shard(
+        worker.rank, worker.world
+    )
+    write_worker_status(spec, worker.rank, worker.world, start, len(shard))
+    if worker.rank == 0:
+        _announce(worker, start, resumed)
+    if start >= spec.iterations:
+        return
+    learner.wrap_ddp()
+    loader = _loader(spec, worker, shard, start)
+    evaluator = None
+    if worker.rank == 0 and spec.val_data:
+        evaluator = Evaluator(spec.val_data, learner.model.cfg.label_names, spec.val_options)
+    _iterate(spec, worker, learner, shard, loader, evaluator, start)
 
 
 def _quiet_logs() -> None:
@@ -80,188 +93,128 @@ def _quiet_logs() -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
-def _format_log(it: int, spec: TrainSpec, losses: dict[str, float], lr: float, ips: float) -> str:
-    parts = " ".join(f"{LOSS_NAMES.get(k, k)} {v:.3f}" for k, v in losses.items() if k != "loss")
-    width = len(str(spec.iterations))
-    return (
-        f"iter {it:>{width}}/{spec.iterations}  loss {losses['loss']:.3f} ({parts})  "
-        f"lr {lr:.5f}  {ips:.1f} img/s"
-    )
-
-
-def _build(spec: TrainSpec, device: torch.device):
-    from maskrcnn import MaskRCNN, MaskRCNNConfig
-
-    torch.manual_seed(spec.seed)  # same initial weights on every rank (DDP also broadcasts)
-    model = MaskRCNN(MaskRCNNConfig.from_dict(spec.model_config)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
-    amp = amp_mode(spec.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    return model, params, optimizer, scheduler, scaler, amp
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` is a TrainSpec as a dict."""
+def _set_up_process(spec: TrainSpec) -> Worker:
+    """Quiet logs, this worker's rank and device, and its CPU threads."""
     import ray.train
     import ray.train.torch
 
-    from pipeline.formats.coco import CocoDataset
-
-    spec = TrainSpec(**config)
     _quiet_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
-    model, params, optimizer, scheduler, scaler, amp = _build(spec, device)
+    return Worker(rank, world, device)
 
-    start = 0
+
+def _restore(learner: Learner) -> tuple[int, bool]:
+    """(iteration to start at, whether it came from Ray Train's latest checkpoint)."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start = load_checkpoint(directory, model, optimizer, scheduler, scaler)
-    shard = CocoDataset(spec.data, storage_options=spec.data_options).shard(rank, world)
-    write_worker_status(spec, rank, world, start, len(shard))
-    if rank == 0:
-        if checkpoint is not None:
-            print(f"train: resumed from the checkpoint of iteration {start}", flush=True)
-        else:
-            print(f"train: {world} worker(s) on {device.type}, starting at iteration 0", flush=True)
-    if start >= spec.iterations:
-        return
+    if checkpoint is None:
+        return 0, False
+    with checkpoint.as_directory() as directory:
+        return learner.restore(directory), True
 
-    # Conv weights channels_last before DDP wraps the model. On CPU, oneDNN returns
-    # convolution weight gradients channels_last even for contiguous weights, and
-    # in the first backward after DDP is built (the first iteration of every
-    # start and restart) DDP wrote the averaged gradient back into such a
-    # gradient's memory in its bucket's contiguous order: a scrambled step
-    # (torch 2.14, gloo; seen as a resumed run diverging from the uninterrupted
-    # one). With channels_last weights, gradients, buckets and weights agree; the
-    # bf16 fast path wants this layout anyway.
-    model.to(memory_format=torch.channels_last)
-    ddp_model = ray.train.torch.prepare_model(model)
 
+def _announce(worker: Worker, start: int, resumed: bool) -> None:
+    if resumed:
+        print(f"train: resumed from the checkpoint of iteration {start}", flush=True)
+    else:
+        print(
+            f"train: {worker.world} worker(s) on {worker.device.type}, starting at iteration 0",
+            flush=True,
+        )
+
+
+def _loader(
+    spec: TrainSpec, worker: Worker, shard: CocoDataset, start: int
+) -> torch.utils.data.DataLoader:
+    """The batches of iterations start .. spec.iterations - 1 of this worker (data.BatchPlan)."""
     plan = BatchPlan(
-        len(shard), spec.batch_size, spec.seed, rank, start, spec.iterations, flip=spec.flip
+        len(shard), spec.batch_size, spec.seed, worker.rank, start, spec.iterations, flip=spec.flip
     )
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         AugmentedShard(shard),
         batch_sampler=plan,
         collate_fn=CocoDataset.collate,
         num_workers=spec.loader_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=worker.device.type == "cuda",
     )
-    evaluator = None
-    if rank == 0 and spec.val_data:
-        evaluator = Evaluator(spec.val_data, model.cfg.label_names, spec.val_options)
 
-    fallback = None
-    window_losses: dict[str, float] = {}
-    window_steps, window_start, images_seen = 0, time.perf_counter(), 0
+
+def _seed_iteration(spec: TrainSpec, rank: int, model: Any, it: int) -> tuple[int, int]:
+    """Seed torch for iteration ``it`` of ``rank``; returns its input (min_size, max_size).
+
+    The model samples anchors and RoIs at random: a seed per (rank, iteration)
+    makes a resumed run draw what the uninterrupted one would have drawn.
+    """
+    torch.manual_seed(int(np.random.SeedSequence([spec.seed, rank, it]).generate_state(1)[0]))
+    return train_input_size(
+        model.cfg.min_size, model.cfg.max_size, spec.scale_jitter, spec.seed, rank, it
+    )
+
+
+def _iterate(
+    spec: TrainSpec,
+    worker: Worker,
+    learner: Learner,
+    shard: CocoDataset,
+    loader: torch.utils.data.DataLoader,
+    evaluator: Evaluator | None,
+    start: int,
+) -> None:
+    """Iterations start + 1 .. spec.iterations: a step each, then what is due."""
+    stand_in = LastGoodBatch(shard)
+    window = LossWindow()
     for it, (images, targets) in zip(range(start, spec.iterations), loader):
         step = it + 1  # optimizer steps done after this iteration
-        # The model samples anchors and RoIs at random: a seed per (rank, iteration)
-        # makes a resumed run draw what the uninterrupted one would have drawn.
-        torch.manual_seed(int(np.random.SeedSequence([spec.seed, rank, it]).generate_state(1)[0]))
-        min_size, max_size = train_input_size(
-            model.cfg.min_size, model.cfg.max_size, spec.scale_jitter, spec.seed, rank, it
-        )
-        if images:
-            fallback = (images, targets)
-        else:
-            # Every image of this batch was unreadable (each logged once): every rank
-            # must still step, so this one repeats its last good batch.
-            fallback = fallback or CocoDataset.collate([next(iter(shard))])
-            images, targets = fallback
-        autocast = (
-            torch.autocast(device.type, dtype=torch.float16)
-            if amp == "fp16"
-            else contextlib.nullcontext()
-        )
-        with input_size(model, min_size, max_size), autocast:
-            loss_dict = ddp_model(images, targets, fast=amp == "bf16")
-        loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at iteration {step} "
-                f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }); "
-                "lower --lr or raise --warmup-iters"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if spec.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, spec.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-
-        window_steps += 1
-        images_seen += len(images)
-        for k, v in {"loss": loss, **loss_dict}.items():
-            window_losses[k] = window_losses.get(k, 0.0) + float(v.detach())
-
-        last = step == spec.iterations
-        log_now = step % spec.log_every == 0 or last or step == start + 1
-        checkpoint_now = step % spec.checkpoint_every == 0 or last
-        eval_now = bool(spec.val_data) and (
-            (spec.eval_every > 0 and step % spec.eval_every == 0) or last
-        )
-        if not (log_now or checkpoint_now or eval_now):
-            continue
-
-        # Every rank gets here at the same iterations: the mean over ranks is a collective.
-        names = sorted(window_losses)
-        local = torch.tensor(
-            [window_losses[k] / window_steps for k in names] + [images_seen], dtype=torch.float64
-        )
-        mean = _all_reduce_mean(local.to(device)).cpu()
-        losses = dict(zip(names, mean[:-1].tolist()))
-        seconds = time.perf_counter() - window_start
-        images_per_second = float(mean[-1]) * world / max(seconds, 1e-9)
-        lr = optimizer.param_groups[0]["lr"]
-        metrics: dict[str, Any] = {"iteration": step, "lr": lr, "images_per_s": images_per_second}
-        metrics.update(losses)
-        if rank == 0 and log_now:
-            print("train: " + _format_log(step, spec, losses, lr, images_per_second), flush=True)
-        if eval_now and rank == 0:
-            metrics.update(evaluator(model, fast=amp == "bf16"))
-            print(
-                f"train: eval at iteration {step}: bbox AP {metrics.get('bbox_AP', -1):.3f}  "
-                f"segm AP {metrics.get('segm_AP', -1):.3f}  AP50 {metrics.get('segm_AP50', -1):.3f}"
-                f"  ({metrics['eval_images']} images, {metrics['eval_seconds']:.1f}s)",
-                flush=True,
-            )
-        if checkpoint_now or eval_now:
-            _report(metrics, rank, step, checkpoint_now, model, optimizer, scheduler, scaler)
-        window_losses, window_steps, images_seen = {}, 0, 0
-        window_start = time.perf_counter()  # evaluation and checkpoint time not in img/s
+        size = _seed_iteration(spec, worker.rank, learner.model, it)
+        images, targets = stand_in(images, targets)
+        loss, loss_dict = learner.step(images, targets, size, step)
+        window.add(loss, loss_dict, len(images))
+        due = Due.at(spec, step, start)
+        if any(due):
+            _report(spec, worker, learner, evaluator, window, step, due)
+            window.reset()
 
 
-def _report(metrics, rank, step, with_checkpoint, model, optimizer, scheduler, scaler) -> None:
-    """ray.train.report on every rank; rank 0 attaches the checkpoint when one is due."""
+def _report(
+    spec: TrainSpec,
+    worker: Worker,
+    learner: Learner,
+    evaluator: Evaluator | None,
+    window: LossWindow,
+    step: int,
+    due: Due,
+) -> None:
+    """Log, evaluate (rank 0) and ray.train.report what is due at ``step``."""
+    # Every rank gets here at the same iterations: the mean over ranks is a collective.
+    losses, images_per_second = window.mean_over_ranks(worker.device, worker.world)
+    lr = learner.optimizer.param_groups[0]["lr"]
+    metrics: dict[str, Any] = {"iteration": step, "lr": lr, "images_per_s": images_per_second}
+    metrics.update(losses)
+    if worker.rank == 0 and due.log:
+        line = format_log(step, spec.iterations, losses, lr, images_per_second)
+        print("train: " + line, flush=True)
+    if due.evaluate and worker.rank == 0:
+        metrics.update(evaluator(learner.model, fast=learner.fast))
+        print("train: " + format_eval(step, metrics), flush=True)
+    if due.checkpoint or due.evaluate:
+        with_checkpoint = due.checkpoint and worker.rank == 0
+        _ray_report(metrics, step, learner if with_checkpoint else None)
+
+
+def _ray_report(metrics: dict[str, Any], step: int, learner: Learner | None) -> None:
+    """ray.train.report on every rank; with ``learner`` (rank 0) it carries the checkpoint."""
     import ray.train
 
-    if not (with_checkpoint and rank == 0):
+    if learner is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="maskrcnn-ckpt-") as directory:
-        save_checkpoint(directory, model, optimizer, scheduler, scaler, step, metrics)
+        learner.save(directory, step, metrics)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),

@@ -1,0 +1,198 @@
+"""From `maskrcnn train`'s flags to the TrainSpec every worker gets.
+
+TrainOptions holds the flags as given; plan_spec resolves what they leave
+open (run name, model config, iteration count, learning-rate schedule,
+defaults that depend on the hardware) into a TrainSpec.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipeline import storage
+from pipeline.train.schedule import base_lr, default_warmup, step_iterations
+from pipeline.train.spec import TrainSpec
+
+
+@dataclass
+class TrainOptions:
+    """What `maskrcnn train` was asked for (CLI flags, same names)."""
+
+    data: str
+    storage: str = "runs"
+    name: str | None = None
+    val_data: str | None = None
+    preset: str | None = None
+    config: str | None = None  # JSON/YAML file of MaskRCNNConfig fields (+ optional "preset")
+    min_size: int | None = None
+    max_size: int | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    batch_size: int = 2  # images per worker per iteration
+    iters: int | None = None
+    epochs: float | None = None
+    lr: float | None = None  # default: 0.02 * global batch / 16 (linear scaling rule)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int | None = None
+    lr_steps: tuple[float, ...] = (0.75, 0.92)  # fractions of the run (or absolute iterations)
+    lr_gamma: float = 0.1
+    clip_grad: float = 10.0
+    amp: bool = False
+    scale_jitter: float = 0.25
+    flip: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    max_failures: int = 3
+    seed: int = 0
+    log_every: int | None = None
+    loader_workers: int | None = None
+    endpoint_url: str | None = None
+    anon: bool | None = None
+    address: str | None = None
+
+
+def absolute_paths(opts: TrainOptions) -> TrainOptions:
+    """Local paths made absolute: Ray Train workers run in another working directory."""
+
+    def fix(uri: str | None) -> str | None:
+        if uri is None or storage.protocol_of(uri) not in ("file", "local"):
+            return uri
+        return os.path.abspath(uri.removeprefix("file://"))
+
+    return replace(
+        opts,
+        data=fix(opts.data),
+        val_data=fix(opts.val_data),
+        storage=fix(opts.storage),
+        config=fix(opts.config),
+    )
+
+
+def uri_options(uri: str, opts: TrainOptions) -> dict[str, Any]:
+    """fsspec options for ``uri`` from the flags (endpoint, anonymous access)."""
+    return storage.storage_options(uri, endpoint_url=opts.endpoint_url, anon=opts.anon)
+
+
+def run_name(opts: TrainOptions) -> str:
+    """NAME of STORAGE/NAME: --name, else :func:`default_name`."""
+    return opts.name or default_name(opts)
+
+
+def default_name(opts: TrainOptions) -> str:
+    """A run name from the preset/config and the data: the same command names the same run."""
+    what = opts.preset or os.path.splitext(os.path.basename(opts.config or "config"))[0]
+    data = [p for p in opts.data.split("://", 1)[-1].rstrip("/").split("/") if p]
+    tail = "-".join(data[-2:]) if data else "data"
+    if tail.endswith(".json"):
+        tail = tail[: -len(".json")]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{what}-{tail}")
+
+
+def _config_file(opts: TrainOptions, class_names: list[str]) -> tuple[str, dict[str, Any]]:
+    """(preset, field overrides) of the --config file (JSON or YAML)."""
+    fs, path = storage.get_fs(opts.config, uri_options(opts.config, opts))
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {storage.redact(opts.config)}: no such file") from None
+    import yaml
+
+    try:
+        overrides = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {storage.redact(opts.config)}: not JSON/YAML ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config {storage.redact(opts.config)}: needs a mapping of fields")
+    preset = overrides.pop("preset", None) or "r50-fpn"
+    overrides.pop("num_classes", None)
+    names = overrides.pop("class_names", None)
+    if names and list(names) != class_names:
+        raise ValueError(
+            f"--config class_names {names} differ from the data's categories "
+            f"{class_names}; drop class_names from the file (they come from --data)"
+        )
+    return preset, overrides
+
+
+def model_config(opts: TrainOptions, class_names: list[str]) -> dict[str, Any]:
+    """The MaskRCNNConfig dict for the run: preset or file, classes from the data, size flags."""
+    from maskrcnn import MaskRCNNConfig
+
+    preset, overrides = opts.preset, {}
+    if opts.config:
+        preset, overrides = _config_file(opts, class_names)
+    if opts.min_size:
+        overrides["min_size"] = opts.min_size
+    if opts.max_size:
+        overrides["max_size"] = opts.max_size
+    try:
+        cfg = MaskRCNNConfig.preset(
+            preset or "r50-fpn", num_classes=len(class_names), class_names=class_names, **overrides
+        )
+    except TypeError as exc:  # an unknown field in the file
+        raise ValueError(f"--config: {exc}") from None
+    return cfg.to_dict()
+
+
+def plan_iterations(opts: TrainOptions, data_size: int) -> int:
+    """Optimizer steps of the run: --iters, or --epochs (default 1) of the global batch."""
+    if opts.workers < 1 or opts.batch_size < 1:
+        raise ValueError("--workers and --batch-size must be at least 1")
+    if data_size < opts.workers:
+        raise ValueError(
+            f"--data has {data_size} usable images, fewer than --workers {opts.workers}"
+        )
+    if opts.iters is not None:
+        n = opts.iters
+    else:
+        epochs = 1.0 if opts.epochs is None else opts.epochs
+        n = math.ceil(epochs * math.ceil(data_size / (opts.workers * opts.batch_size)))
+    if n < 1:
+        raise ValueError(f"nothing to train: {n} iterations (--iters/--epochs)")
+    return n
+
+
+def plan_spec(opts: TrainOptions, data_size: int, class_names: list[str]) -> TrainSpec:
+    """The worker spec: iteration count, schedule and defaults resolved from the options."""
+    n = plan_iterations(opts, data_size)
+    if opts.checkpoint_every < 1 or opts.keep_checkpoints < 1:
+        raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
+    lr = opts.lr if opts.lr is not None else base_lr(opts.workers * opts.batch_size)
+    warmup = opts.warmup_iters if opts.warmup_iters is not None else default_warmup(n)
+    loader_workers = opts.loader_workers
+    if loader_workers is None:
+        loader_workers = 2 if opts.gpus_per_worker > 0 else 0
+    run_uri = storage.join(opts.storage, run_name(opts))
+    return TrainSpec(
+        data=opts.data,
+        val_data=opts.val_data,
+        model_config=model_config(opts, class_names),
+        iterations=n,
+        batch_size=opts.batch_size,
+        lr=lr,
+        storage=run_uri,
+        data_options=uri_options(opts.data, opts),
+        val_options=uri_options(opts.val_data, opts) if opts.val_data else {},
+        storage_options=uri_options(run_uri, opts),
+        momentum=opts.momentum,
+        weight_decay=opts.weight_decay,
+        warmup_iters=warmup,
+        lr_steps=step_iterations(opts.lr_steps, n),
+        lr_gamma=opts.lr_gamma,
+        clip_grad=opts.clip_grad,
+        amp=opts.amp,
+        scale_jitter=opts.scale_jitter,
+        flip=opts.flip,
+        checkpoint_every=opts.checkpoint_every,
+        eval_every=opts.eval_every,
+        log_every=opts.log_every or max(1, min(100, n // 25)),
+        seed=opts.seed,
+        loader_workers=loader_workers,
+        cpus_per_worker=opts.cpus_per_worker,
+    )
