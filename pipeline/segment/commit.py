@@ -172,6 +172,12 @@ class OutputDir:
             {n: r[1] for n, r in zip(names, results)},
         )
 
+    def committed_uris(self) -> list[str]:
+        """Every URI the committed parts hold, part by part (a doubled URI shows twice)."""
+        names = self.part_names()
+        uris_by_part, _ = self.read_part_uris_and_counts(names)
+        return [u for n in names for u in uris_by_part[n]]
+
     def remove_empty_run_dir(self) -> None:
         """Remove ``_run/`` when it holds nothing, and OUTPUT too if this run made it empty."""
         if self.local:
@@ -248,19 +254,7 @@ def finalize(
     """
     names = out.part_names()
     uris_by_part, counts_by_part = out.read_part_uris_and_counts(names)
-    all_uris = [u for n in names for u in uris_by_part[n]]
-    if len(all_uris) != len(set(all_uris)):
-        raise RuntimeError(
-            f"{out.show()}: some URIs are in two parts (did two runs write it at once?); "
-            "not committing. Re-run with --overwrite"
-        )
-    if sorted(all_uris) != plan:
-        missing = len(set(plan) - set(all_uris))
-        extra_uris = len(set(all_uris) - set(plan))
-        raise RuntimeError(
-            f"{out.show()}: parts do not match the plan ({missing} URIs missing, "
-            f"{extra_uris} not in the plan); not committing. Re-run the same command"
-        )
+    _check_against_plan(out, [u for n in names for u in uris_by_part[n]], plan)
     counts = {"images": len(plan), "ok": 0, "error": 0, "instances": 0}
     for c in counts_by_part.values():
         for key in ("ok", "error", "instances"):
@@ -286,3 +280,19 @@ def finalize(
     out.remove(PLAN_NAME)
     out.remove(SPEC_NAME)
     return manifest
+
+
+def _check_against_plan(out: OutputDir, uris: list[str], plan: list[str]) -> None:
+    """Raise RuntimeError unless the parts' ``uris`` are the plan, each once."""
+    if len(uris) != len(set(uris)):
+        raise RuntimeError(
+            f"{out.show()}: some URIs are in two parts (did two runs write it at once?); "
+            "not committing. Re-run with --overwrite"
+        )
+    if sorted(uris) != plan:
+        missing = len(set(plan) - set(uris))
+        extra_uris = len(set(uris) - set(plan))
+        raise RuntimeError(
+            f"{out.show()}: parts do not match the plan ({missing} URIs missing, "
+            f"{extra_uris} not in the plan); not committing. Re-run the same command"
+        )

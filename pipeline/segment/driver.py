@@ -7,6 +7,10 @@ The data flow reads like the sentence it is::
       -> paste masks + RLE encode (CPU tasks) -> Parquet parts (CPU tasks)
       -> the driver writes each part it receives, atomically -> manifest
 
+and so does :func:`segment`: check INPUT, load the model, open the run
+(:class:`SegmentRun`: resume or plan), execute it (the Ray Data pipeline, each
+part committed as it arrives), finish it (the manifest).
+
 Exactly once and resume follow the protocol in pipeline/segment/commit.py: a part
 file appears in OUTPUT only as a whole, only the driver puts it there, a
 re-run skips the URIs already in parts, and the manifest written last lists
@@ -19,9 +23,10 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.output.schema import MANIFEST_NAME
 from pipeline.segment.commit import (
@@ -39,6 +44,9 @@ from pipeline.segment.inputs import list_inputs
 from pipeline.segment.lease import Lease
 from pipeline.segment.model_source import ModelSource, load_model
 from pipeline.storage import get_fs, redact
+
+if TYPE_CHECKING:
+    from maskrcnn.config import MaskRCNNConfig
 
 # Memory reserved per decode task: a worker with torch loaded (~0.5 GiB) plus a
 # 40-megapixel photo decoded and resized to float.
@@ -72,12 +80,399 @@ class SegmentOptions:
     extra_manifest: dict[str, Any] = field(default_factory=dict)
 
 
+def segment(
+    input_uri: str,
+    output_uri: str,
+    source: ModelSource,
+    opts: SegmentOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Segment every image INPUT names into OUTPUT; returns the summary (manifest + rate).
+
+    Starts Ray (``opts.ray_address``) unless it is initialised already, and only
+    once there is work to do. Raises OutputStateError when OUTPUT holds another
+    run's work (without ``overwrite``) or another run is writing it.
+    """
+    opts = opts or SegmentOptions()
+    _check_options(opts)
+    out = OutputDir(output_uri, opts.output_options)
+    # INPUT first: a typo in it fails in a moment, before the model is read and Ray starts.
+    listed = _list_if_planning(out, input_uri, opts)
+    model, model_bytes = load_model(source, opts.model_options)
+    spec = _new_spec(model, source, input_uri, opts)
+    run = SegmentRun(out, input_uri, spec, model.cfg, model_bytes, opts, log or _to_stderr)
+    if not opts.overwrite and (summary := run.already_complete()) is not None:
+        return summary
+    with run.leased():
+        run.open(listed)
+        _init_ray(opts.ray_address)
+        summary = run.finish(run.execute())
+    out.remove(RUN_DIR, recursive=True)
+    return summary
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the pipeline's stages ask Ray for (SegmentRun.resources)."""
+
+    gpus_per_actor: float
+    cpus_per_actor: float
+    actors: tuple[int, int]  # (min, max) model actors
+    rows_per_block: int  # input rows per Ray Data block
+    decode_cpus: float = DECODE_CPUS
+    decode_memory: int = DECODE_TASK_MEMORY
+    encode_cpus: float = ENCODE_CPUS
+    part_cpus: float = PART_CPUS
+
+
+@dataclass
+class SegmentRun:
+    """One run of segment into OUTPUT: its spec, plan, lease, and the model to ship.
+
+    ``spec`` is this invocation's until :meth:`open` finds an unfinished run to
+    resume, then that run's. ``plan`` holds each image's key: its URI redacted
+    (pipeline.storage.redact), which is also the ``uri`` column, so that
+    signed-URL parameters are never stored. ``sources`` maps key -> the URI to
+    read when the two differ (None when no URI carried secrets); on resume it
+    comes from listing INPUT again.
+    """
+
+    out: OutputDir
+    input_uri: str
+    spec: dict[str, Any]
+    cfg: MaskRCNNConfig
+    model_bytes: bytes  # safetensors, what each model actor builds its model from
+    opts: SegmentOptions
+    log: Callable[[str], None]
+    plan: list[str] = field(default_factory=list)
+    sources: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.lease = Lease(self.out, self.spec["run_id"])
+
+    # --- before the lease ---------------------------------------------------------
+    def already_complete(self) -> dict[str, Any] | None:
+        """The summary when OUTPUT holds this run finished; None when it holds no manifest.
+
+        Raises OutputStateError when the finished run there is another one.
+        """
+        manifest = self.out.read_json(MANIFEST_NAME)
+        if manifest is None:
+            return None
+        self._refuse_another(
+            manifest, "already holds a finished run", "choose another OUTPUT or pass --overwrite"
+        )
+        self.log(
+            f"segment: {self.out.show()} is complete ({_counts_text(manifest['counts'])}); "
+            "nothing to do (--overwrite to redo it)"
+        )
+        return {**manifest, "already_complete": True, "images_per_s": None}
+
+    @contextmanager
+    def leased(self) -> Iterator[None]:
+        """Hold OUTPUT's lease for the block; tidy ``_run/`` after, whatever happened."""
+        self.lease.acquire()
+        try:
+            yield
+        finally:
+            self.lease.release()
+            self.out.remove_empty_run_dir()
+
+    # --- under the lease ----------------------------------------------------------
+    def open(self, listed: list[str] | None) -> None:
+        """Clear OUTPUT (--overwrite), then resume the unfinished run there or plan anew.
+
+        ``listed``: INPUT's URIs when listed already; listed now when needed and None.
+        """
+        if self.opts.overwrite:
+            self.out.clear()
+        old = self.out.read_json(SPEC_NAME)
+        if old is not None and self.out.exists(PLAN_NAME):
+            self._resume(old, listed)
+        else:
+            self._plan(listed)
+
+    def _resume(self, old: dict[str, Any], listed: list[str] | None) -> None:
+        self._refuse_another(
+            old,
+            "holds an unfinished run",
+            "re-run that command to finish it, or pass --overwrite",
+        )
+        plan = self.out.read_plan()
+        sources = None
+        if old.get("sources_redacted"):
+            sources = _sources(self._listing(listed))
+            if set(sources) != set(plan):
+                raise OutputStateError(
+                    f"INPUT {redact(self.input_uri)} now lists other images than when the run "
+                    f"in {self.out.show()} started; restore it, or pass --overwrite"
+                )
+        self.log(
+            f"segment: resuming run {old['run_id']} in {self.out.show()} "
+            f"({len(plan)} images planned)"
+        )
+        self.spec, self.plan, self.sources = old, plan, sources
+
+    def _plan(self, listed: list[str] | None) -> None:
+        if self.out.part_names():
+            raise OutputStateError(
+                f"OUTPUT {self.out.show()} holds part files but no run state; pass --overwrite "
+                "to replace them"
+            )
+        sources = _sources(self._listing(listed))
+        self.plan = sorted(sources)
+        self.out.write_plan(self.plan)
+        redacted = any(key != uri for key, uri in sources.items())
+        self.spec = {**self.spec, "images": len(self.plan), "sources_redacted": redacted}
+        self.out.put_json(SPEC_NAME, self.spec)  # after the plan: a spec always has its plan
+        self.sources = sources if redacted else None
+
+    def pending(self) -> list[str]:
+        """The planned URIs no committed part holds yet, in plan order."""
+        done = set(self.out.committed_uris())
+        if not done <= set(self.plan):
+            raise OutputStateError(
+                f"OUTPUT {self.out.show()} holds parts with URIs outside its plan; pass --overwrite"
+            )
+        pending = [u for u in self.plan if u not in done]
+        if done:
+            self.log(
+                f"segment: {len(done)} of {len(self.plan)} images already committed; "
+                f"{len(pending)} to go"
+            )
+        return pending
+
+    def execute(self) -> dict[str, Any]:
+        """Run the pipeline over :meth:`pending`, committing each part as it arrives.
+
+        Returns this run's counts: rows, ok, error, instances, parts, seconds, and
+        first_part_s / first_part_rows when a part came out.
+        """
+        pending = self.pending()
+        started = time.monotonic()
+        processed: dict[str, Any] = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
+        if pending:
+            for record in self.dataset(pending).iter_rows():
+                self.lease.check()  # never write a part after another run took OUTPUT over
+                self.out.write_part(record["name"], record["data"])
+                processed["parts"] += 1
+                if processed["parts"] == 1:  # startup (actors, first batches) shows here
+                    processed["first_part_s"] = time.monotonic() - started
+                    processed["first_part_rows"] = int(record["rows"])
+                for key in ("rows", "ok", "error", "instances"):
+                    processed[key] += int(record[key])
+        processed["seconds"] = time.monotonic() - started
+        return processed
+
+    def finish(self, processed: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest (commit.finalize) while the lease is still ours; the summary."""
+        self.lease.check(read=True)
+        extra = {"versions": _versions(), **self.opts.extra_manifest}
+        manifest = finalize(self.out, self.spec, self.plan, extra)
+        elapsed, rows = processed["seconds"], processed["rows"]
+        rate = rows / elapsed if elapsed > 0 and rows else 0.0
+        self.log(
+            f"segment: {_counts_text(manifest['counts'])}; this run {rows} images "
+            f"in {elapsed:.1f}s ({rate:.2f} images/s) -> {self.out.show(MANIFEST_NAME)}"
+        )
+        return {**manifest, "already_complete": False, "images_per_s": rate, "this_run": processed}
+
+    # --- the Ray Data pipeline ------------------------------------------------------
+    def resources(self, pending: int) -> Resources:
+        """Each stage's resources for ``pending`` images, from the options and the cluster."""
+        import ray
+
+        opts, total = self.opts, ray.cluster_resources()
+        gpus_total, cpus_total = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+        gpus = opts.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if gpus_total > 0 else 0.0
+        cpus = opts.cpus_per_actor
+        if cpus is None:
+            cpus = 1.0 if gpus > 0 else float(max(1, cpus_total // 2))
+        actors = opts.actors
+        if actors is None:
+            actors = (1, max(1, int(gpus_total // gpus))) if gpus > 0 else (1, 1)
+        if actors[0] < 1 or actors[1] < actors[0]:
+            raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {actors}")
+        if gpus * actors[0] > gpus_total:
+            # Not an error: an autoscaling cluster adds GPU nodes when Ray asks for them.
+            self.log(
+                f"segment: waiting for {gpus * actors[0]:g} GPUs for {actors[0]} model actors; "
+                f"the cluster has {gpus_total} now"
+            )
+        # Enough input blocks for every CPU to decode, small enough to stream.
+        per_block = max(1, min(256, math.ceil(pending / (4 * cpus_total))))
+        return Resources(gpus, cpus, actors, per_block)
+
+    def dataset(self, pending: list[str]) -> Any:
+        """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
+        import ray
+
+        from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
+
+        res, opts, cfg = self.resources(len(pending)), self.opts, self.cfg
+        blocks = self._blocks(pending, res.rows_per_block)
+        model_ref = ray.put(self.model_bytes)
+        return (
+            ray.data.from_arrow(blocks)
+            .map_batches(
+                read_and_decode,
+                batch_size=max(1, min(opts.batch_size, res.rows_per_block)),
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "storage_options": opts.input_options,
+                    "cfg": cfg if opts.resize_on_cpu else None,
+                },
+                num_cpus=res.decode_cpus,
+                # Room for one large image; being unlike the actor's resources, this also
+                # keeps Ray Data from fusing decode into the model actor, whose time is the
+                # model's alone.
+                memory=res.decode_memory,
+            )
+            .map_batches(
+                Segmenter,
+                compute=ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1]),
+                batch_size=opts.batch_size,
+                batch_format="pyarrow",
+                num_gpus=res.gpus_per_actor,
+                num_cpus=res.cpus_per_actor,
+                fn_constructor_args=([model_ref],),
+                fn_constructor_kwargs={
+                    "resized_on_cpu": opts.resize_on_cpu,
+                    "score_threshold": opts.score_threshold,
+                    "max_detections": opts.max_detections,
+                    "fast": opts.fast,
+                    "threads": int(res.cpus_per_actor),
+                },
+            )
+            .map_batches(
+                encode_rows,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "class_names": cfg.label_names,
+                    "model_id": self.spec["model"],
+                    "mask_threshold": cfg.mask_threshold,
+                },
+                num_cpus=res.encode_cpus,
+            )
+            .map_batches(
+                encode_part_batch,
+                batch_size=opts.rows_per_part,
+                batch_format="pyarrow",
+                num_cpus=res.part_cpus,
+            )
+        )
+
+    def _blocks(self, pending: list[str], per_block: int) -> list[Any]:
+        """``pending`` as Arrow tables of ``per_block`` rows: ``uri`` (the key), ``source``."""
+        import pyarrow as pa
+
+        blocks = []
+        for i in range(0, len(pending), per_block):
+            keys = pending[i : i + per_block]
+            columns = {"uri": pa.array(keys, pa.string())}
+            if self.sources is not None:  # read from the full URI, store the key
+                columns["source"] = pa.array([self.sources[k] for k in keys], pa.string())
+            blocks.append(pa.table(columns))
+        return blocks
+
+    # --- helpers ----------------------------------------------------------------------
+    def _listing(self, listed: list[str] | None) -> list[str]:
+        """INPUT's image URIs: ``listed`` when given, else listed now."""
+        if listed is not None:
+            return listed
+        return list_inputs(self.input_uri, self.opts.input_options)
+
+    def _refuse_another(self, old: dict[str, Any], holds: str, advice: str) -> None:
+        """Raise OutputStateError when ``old`` (a manifest or spec) decides rows otherwise."""
+        diffs = spec_mismatches(old, self.spec)
+        if diffs:
+            raise OutputStateError(
+                f"OUTPUT {self.out.show()} {holds} with another {'; '.join(diffs)}; {advice}"
+            )
+
+
+def encode_part_batch(batch: Any) -> Any:
+    """map_batches form of commit.encode_part: one Parquet part per batch, as a one-row table."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([encode_part(batch)])
+
+
 def normalized_input(input_uri: str, options: dict[str, Any] | None) -> str:
     """INPUT as one spelling (absolute local path, scheme kept), redacted."""
     from pipeline.storage import full_uri
 
     fs, path = get_fs(input_uri, options)
     return redact(full_uri(fs, path.rstrip("/") or "/"))
+
+
+def _check_options(opts: SegmentOptions) -> None:
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.rows_per_part < 1:
+        raise ValueError(f"--rows-per-part must be at least 1, got {opts.rows_per_part}")
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _list_if_planning(out: OutputDir, input_uri: str, opts: SegmentOptions) -> list[str] | None:
+    """INPUT's image URIs (pipeline.segment.inputs.list_inputs) when this run will plan anew: with
+    --overwrite, or when OUTPUT holds neither a finished run nor a plan to resume. None
+    otherwise: those runs list INPUT only when SegmentRun.open needs it, as they always did.
+
+    Raises what list_inputs raises (FileNotFoundError, ValueError, OSError naming INPUT).
+    """
+    if not opts.overwrite and (
+        out.exists(MANIFEST_NAME) or (out.exists(SPEC_NAME) and out.exists(PLAN_NAME))
+    ):
+        return None
+    return list_inputs(input_uri, opts.input_options)
+
+
+def _new_spec(model: Any, source: ModelSource, input_uri: str, opts: SegmentOptions) -> dict:
+    """This invocation's spec: a fresh run id and the fields that decide what rows hold."""
+    from maskrcnn.checkpoint import model_id
+
+    return {
+        "run_id": uuid.uuid4().hex[:16],
+        "model": model_id(model),
+        "model_uri": redact(source.uri),
+        "config": model.cfg.to_dict(),
+        "input": normalized_input(input_uri, opts.input_options),
+        "options": {
+            "score_threshold": opts.score_threshold,
+            "max_detections": opts.max_detections,
+            "fast": bool(opts.fast),
+        },
+        "started": now_iso(),
+    }
+
+
+def _init_ray(address: str | None) -> None:
+    """Start Ray unless it runs already: None is RAY_ADDRESS when set (under `ray job
+    submit`), else a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=False)
+
+
+def _sources(uris: list[str]) -> dict[str, str]:
+    """key (redacted URI) -> URI; of URIs that differ only in secrets, the first is kept."""
+    sources: dict[str, str] = {}
+    for uri in uris:
+        sources.setdefault(redact(uri), uri)
+    return sources
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return (
+        f"{counts['ok']} images ok, {counts['error']} with errors, {counts['instances']} instances"
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -95,289 +490,3 @@ def _versions() -> dict[str, str]:
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
-
-
-def _resources(opts: SegmentOptions, log) -> tuple[float, float, tuple[int, int]]:
-    """(gpus per actor, cpus per actor, (min, max) actors) from options and the cluster."""
-    import ray
-
-    total = ray.cluster_resources()
-    gpus_total, cpus_total = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
-    gpus = opts.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if gpus_total > 0 else 0.0
-    cpus = opts.cpus_per_actor
-    if cpus is None:
-        cpus = 1.0 if gpus > 0 else float(max(1, cpus_total // 2))
-    actors = opts.actors
-    if actors is None:
-        actors = (1, max(1, int(gpus_total // gpus))) if gpus > 0 else (1, 1)
-    if actors[0] < 1 or actors[1] < actors[0]:
-        raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {actors}")
-    if gpus * actors[0] > gpus_total:
-        # Not an error: an autoscaling cluster adds GPU nodes when Ray asks for them.
-        log(
-            f"segment: waiting for {gpus * actors[0]:g} GPUs for {actors[0]} model actors; "
-            f"the cluster has {gpus_total} now"
-        )
-    return gpus, cpus, actors
-
-
-def segment(
-    input_uri: str,
-    output_uri: str,
-    source: ModelSource,
-    opts: SegmentOptions | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Segment every image INPUT names into OUTPUT; returns the summary (manifest + rate).
-
-    Starts Ray (``opts.ray_address``) unless it is initialised already, and only
-    once there is work to do. Raises OutputStateError when OUTPUT holds another
-    run's work (without ``overwrite``) or another run is writing it.
-    """
-    opts = opts or SegmentOptions()
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if opts.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {opts.batch_size}")
-    if opts.rows_per_part < 1:
-        raise ValueError(f"--rows-per-part must be at least 1, got {opts.rows_per_part}")
-    out = OutputDir(output_uri, opts.output_options)
-    # INPUT first: a typo in it fails in a moment, before the model is read and Ray starts.
-    listed = _list_if_planning(out, input_uri, opts)
-    model, model_bytes = load_model(source, opts.model_options)
-    from maskrcnn.checkpoint import model_id
-
-    spec = {
-        "run_id": uuid.uuid4().hex[:16],
-        "model": model_id(model),
-        "model_uri": redact(source.uri),
-        "config": model.cfg.to_dict(),
-        "input": normalized_input(input_uri, opts.input_options),
-        "options": {
-            "score_threshold": opts.score_threshold,
-            "max_detections": opts.max_detections,
-            "fast": bool(opts.fast),
-        },
-        "started": now_iso(),
-    }
-    if not opts.overwrite:
-        manifest = out.read_json(MANIFEST_NAME)
-        if manifest is not None:
-            diffs = spec_mismatches(manifest, spec)
-            if diffs:
-                raise OutputStateError(
-                    f"OUTPUT {out.show()} already holds a finished run with another "
-                    f"{'; '.join(diffs)}; choose another OUTPUT or pass --overwrite"
-                )
-            log(
-                f"segment: {out.show()} is complete ({_counts_text(manifest['counts'])}); "
-                "nothing to do (--overwrite to redo it)"
-            )
-            return {**manifest, "already_complete": True, "images_per_s": None}
-
-    lease = Lease(out, spec["run_id"])
-    lease.acquire()
-    try:
-        if opts.overwrite:
-            out.clear()
-        spec, plan, sources = _plan(out, spec, input_uri, listed, opts, log)
-        import ray
-
-        if not ray.is_initialized():
-            # address None: RAY_ADDRESS when set (under `ray job submit`), else a local instance.
-            ray.init(address=opts.ray_address, configure_logging=False)
-        summary = _run(out, spec, plan, sources, model, model_bytes, lease, opts, log)
-    finally:
-        lease.release()
-        out.remove_empty_run_dir()
-    out.remove(RUN_DIR, recursive=True)
-    return summary
-
-
-def _list_if_planning(out: OutputDir, input_uri: str, opts: SegmentOptions) -> list[str] | None:
-    """INPUT's image URIs (pipeline.segment.inputs.list_inputs) when this run will plan anew: with
-    --overwrite, or when OUTPUT holds neither a finished run nor a plan to resume. None
-    otherwise: those runs list INPUT only when _plan needs it, as they always did.
-
-    Raises what list_inputs raises (FileNotFoundError, ValueError, OSError naming INPUT).
-    """
-    if not opts.overwrite and (
-        out.exists(MANIFEST_NAME) or (out.exists(SPEC_NAME) and out.exists(PLAN_NAME))
-    ):
-        return None
-    return list_inputs(input_uri, opts.input_options)
-
-
-def _plan(out, spec, input_uri, listed, opts, log) -> tuple[dict[str, Any], list[str], dict | None]:
-    """(spec, plan, sources): read back on resume, else made from ``listed`` (INPUT's URIs,
-    listed now when None) and written now.
-
-    The plan holds each image's key: its URI redacted (pipeline.storage.redact),
-    which is also the ``uri`` column, so that signed-URL parameters are never
-    stored. ``sources`` maps key -> the URI to read when the two differ (None
-    when no URI carried secrets); on resume it comes from listing INPUT again.
-    """
-
-    def listing() -> list[str]:
-        return listed if listed is not None else list_inputs(input_uri, opts.input_options)
-
-    old = out.read_json(SPEC_NAME)
-    if old is not None and out.exists(PLAN_NAME):
-        diffs = spec_mismatches(old, spec)
-        if diffs:
-            raise OutputStateError(
-                f"OUTPUT {out.show()} holds an unfinished run with another "
-                f"{'; '.join(diffs)}; re-run that command to finish it, or pass --overwrite"
-            )
-        plan = out.read_plan()
-        sources = None
-        if old.get("sources_redacted"):
-            sources = _sources(listing())
-            if set(sources) != set(plan):
-                raise OutputStateError(
-                    f"INPUT {redact(input_uri)} now lists other images than when the run in "
-                    f"{out.show()} started; restore it, or pass --overwrite"
-                )
-        log(f"segment: resuming run {old['run_id']} in {out.show()} ({len(plan)} images planned)")
-        return old, plan, sources
-    if out.part_names():
-        raise OutputStateError(
-            f"OUTPUT {out.show()} holds part files but no run state; pass --overwrite to "
-            "replace them"
-        )
-    sources = _sources(listing())
-    plan = sorted(sources)
-    out.write_plan(plan)
-    redacted = any(key != uri for key, uri in sources.items())
-    spec = {**spec, "images": len(plan), "sources_redacted": redacted}
-    out.put_json(SPEC_NAME, spec)  # after the plan: a spec always has its plan
-    return spec, plan, (sources if redacted else None)
-
-
-def _sources(uris: list[str]) -> dict[str, str]:
-    """key (redacted URI) -> URI; of URIs that differ only in secrets, the first is kept."""
-    sources: dict[str, str] = {}
-    for uri in uris:
-        sources.setdefault(redact(uri), uri)
-    return sources
-
-
-def _run(out, spec, plan, sources, model, model_bytes, lease, opts, log) -> dict[str, Any]:
-    names = out.part_names()
-    uris_by_part, _ = out.read_part_uris_and_counts(names)
-    done = {u for uris in uris_by_part.values() for u in uris}
-    if not done <= set(plan):
-        raise OutputStateError(
-            f"OUTPUT {out.show()} holds parts with URIs outside its plan; pass --overwrite"
-        )
-    pending = [u for u in plan if u not in done]
-    if done:
-        log(f"segment: {len(done)} of {len(plan)} images already committed; {len(pending)} to go")
-    started = time.monotonic()
-    processed = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
-    if pending:
-        for record in _dataset(spec, pending, sources, model, model_bytes, opts, log).iter_rows():
-            lease.check()  # never write a part after another run took OUTPUT over
-            out.write_part(record["name"], record["data"])
-            processed["parts"] += 1
-            if processed["parts"] == 1:  # startup (actors, first batches) shows here
-                processed["first_part_s"] = time.monotonic() - started
-                processed["first_part_rows"] = int(record["rows"])
-            for key in ("rows", "ok", "error", "instances"):
-                processed[key] += int(record[key])
-    elapsed = time.monotonic() - started
-    processed["seconds"] = elapsed
-    lease.check(read=True)
-    versions = _versions()
-    manifest = finalize(out, spec, plan, {"versions": versions, **opts.extra_manifest})
-    rate = processed["rows"] / elapsed if elapsed > 0 and processed["rows"] else 0.0
-    log(
-        f"segment: {_counts_text(manifest['counts'])}; this run {processed['rows']} images "
-        f"in {elapsed:.1f}s ({rate:.2f} images/s) -> {out.show(MANIFEST_NAME)}"
-    )
-    return {**manifest, "already_complete": False, "images_per_s": rate, "this_run": processed}
-
-
-def _counts_text(counts: dict[str, int]) -> str:
-    return (
-        f"{counts['ok']} images ok, {counts['error']} with errors, {counts['instances']} instances"
-    )
-
-
-def _dataset(spec, pending, sources, model, model_bytes, opts, log):
-    """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
-    import pyarrow as pa
-    import ray
-
-    from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
-
-    gpus, cpus, (min_actors, max_actors) = _resources(opts, log)
-    cpus_total = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Enough input blocks for every CPU to decode, small enough to stream.
-    per_block = max(1, min(256, math.ceil(len(pending) / (4 * cpus_total))))
-    blocks = []
-    for i in range(0, len(pending), per_block):
-        keys = pending[i : i + per_block]
-        columns = {"uri": pa.array(keys, pa.string())}
-        if sources is not None:  # read from the full URI, store the key
-            columns["source"] = pa.array([sources[k] for k in keys], pa.string())
-        blocks.append(pa.table(columns))
-    model_ref = ray.put(model_bytes)
-    cfg = model.cfg
-    return (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            read_and_decode,
-            batch_size=max(1, min(opts.batch_size, per_block)),
-            batch_format="pyarrow",
-            fn_kwargs={
-                "storage_options": opts.input_options,
-                "cfg": cfg if opts.resize_on_cpu else None,
-            },
-            num_cpus=DECODE_CPUS,
-            # Room for one large image; being unlike the actor's resources, this also
-            # keeps Ray Data from fusing decode into the model actor, whose time is the
-            # model's alone.
-            memory=DECODE_TASK_MEMORY,
-        )
-        .map_batches(
-            Segmenter,
-            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-            batch_size=opts.batch_size,
-            batch_format="pyarrow",
-            num_gpus=gpus,
-            num_cpus=cpus,
-            fn_constructor_args=([model_ref],),
-            fn_constructor_kwargs={
-                "resized_on_cpu": opts.resize_on_cpu,
-                "score_threshold": opts.score_threshold,
-                "max_detections": opts.max_detections,
-                "fast": opts.fast,
-                "threads": int(cpus),
-            },
-        )
-        .map_batches(
-            encode_rows,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "class_names": cfg.label_names,
-                "model_id": spec["model"],
-                "mask_threshold": cfg.mask_threshold,
-            },
-            num_cpus=ENCODE_CPUS,
-        )
-        .map_batches(
-            encode_part_batch,
-            batch_size=opts.rows_per_part,
-            batch_format="pyarrow",
-            num_cpus=PART_CPUS,
-        )
-    )
-
-
-def encode_part_batch(batch: Any) -> Any:
-    """map_batches form of commit.encode_part: one Parquet part per batch, as a one-row table."""
-    import pyarrow as pa
-
-    return pa.Table.from_pylist([encode_part(batch)])

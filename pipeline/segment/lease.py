@@ -120,13 +120,20 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                lock = self.out.read_json(LOCK_NAME)
-                if lock is not None and lock.get("attempt") != self.attempt:
-                    self.lost = f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
+                lost = self._taken_over()
+                if lost:
+                    self.lost = lost  # only ever set: check() may be reading it
                     return
                 self.out.put_json(LOCK_NAME, self._record())
             except Exception:  # flaky storage: try again at the next beat
                 continue
+
+    def _taken_over(self) -> str | None:
+        """Who holds the lock now when it is another run's (read from OUTPUT), else None."""
+        lock = self.out.read_json(LOCK_NAME)
+        if lock is not None and lock.get("attempt") != self.attempt:
+            return f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
+        return None
 
     def check(self, read: bool = False) -> None:
         """Raise if another run took the lease: this run must not commit anything more.
@@ -134,9 +141,7 @@ class Lease:
         ``read``: look at the lock now rather than trust the last heartbeat.
         """
         if read and not self.lost:
-            lock = self.out.read_json(LOCK_NAME)
-            if lock is not None and lock.get("attempt") != self.attempt:
-                self.lost = f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
+            self.lost = self._taken_over() or self.lost
         if self.lost:
             raise RuntimeError(
                 f"OUTPUT {self.out.show()}: lost the lease ({self.lost}); stopping without "

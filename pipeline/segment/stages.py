@@ -99,15 +99,15 @@ def read_and_decode(
 
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, n))) as pool:
         contents = list(pool.map(fetch, sources))
-    for i, (uri, data) in enumerate(zip(uris, contents)):
+    for i, data in enumerate(contents):
         if isinstance(data, BaseException):
             status[i], error[i] = "error", _reason("read", data)
             continue
         try:
             if cfg is not None:  # huge images come back shrunk (still >= the model's size)
-                rgb, (height[i], width[i]) = decode_for_model(data, cfg.min_size, cfg.max_size, uri)
+                rgb, (height[i], width[i]) = decode_for_model(data, cfg.min_size, cfg.max_size)
             else:
-                rgb = decode_image(data, uri)
+                rgb = decode_image(data)
                 height[i], width[i] = int(rgb.shape[0]), int(rgb.shape[1])
         except DecodeError as exc:
             status[i], error[i] = "error", str(exc)
