@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,18 +31,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from bench.common import machine_info  # noqa: E402
 from tests.helpers.proctree import TreeMonitor  # noqa: E402
 
 
 def make_images(root: Path, count: int, size: int) -> list[Path]:
-    from pipeline.formats.shapes import _png_bytes, iter_shapes
+    from pipeline.formats.shapes import iter_shapes, png_bytes
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, sample in enumerate(iter_shapes(count, size, seed=7)):
         path = root / f"{i // 100:03d}" / f"shape{i:06d}.png"
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(_png_bytes(sample.image))
+        path.write_bytes(png_bytes(sample.image))
         paths.append(path)
     return paths
 
@@ -217,12 +217,7 @@ def main() -> int:
     ratios = [q["images_per_s"] / a["images_per_s"] for q, a in zip(pipe, alone)]
     result = {
         "what": "segment end to end (folder of PNGs -> committed Parquet) vs predict() alone",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_avg_before": load_before,
-            "load_avg_after": load_after,
-        },
+        "machine": machine_info(load_before, load_after),
         "params": {k: v for k, v in vars(args).items() if k != "out"},
         "pipeline_images_per_s_median": pipe_rate,
         "model_alone_images_per_s_median": alone_rate,

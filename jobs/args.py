@@ -1,6 +1,7 @@
-"""argparse types shared by the subcommands.
+"""What the subcommands share in parsing their arguments: UsageError, argparse types,
+the storage flags.
 
-Each one turns the option's text into its value or raises ArgumentTypeError
+Each type turns the option's text into its value or raises ArgumentTypeError
 naming the text and what was expected, which argparse prints as
 ``argument --batch-size: expected a positive integer, got 'x'``. Only argparse
 is imported here, so that `maskrcnn --help` stays instant.
@@ -11,9 +12,44 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """An error in what the user asked for; printed as one line, exit code 2."""
+
+
+def require_at_least(flag: str, value: int | None, minimum: int, hint: str = "") -> None:
+    """UsageError "FLAG must be at least MINIMUM[HINT], got VALUE" unless ``value`` is None
+    (left out) or at least ``minimum``."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum}{hint}, got {value}")
+
+
+def add_storage_arguments(parser: Any, anon: bool = True) -> None:
+    """--endpoint-url and (with ``anon``) --anon on ``parser`` (a parser or an argument
+    group): the storage flags of every command that reads or writes URIs;
+    :func:`storage_options_for` turns them into fsspec options."""
+    parser.add_argument(
+        "--endpoint-url",
+        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
+    )
+    if anon:
+        parser.add_argument(
+            "--anon",
+            action="store_true",
+            default=None,
+            help="anonymous S3 access (also MASKRCNN_S3_ANON=1)",
+        )
+
+
+def storage_options_for(args: argparse.Namespace, uri: str) -> dict[str, Any]:
+    """fsspec storage options for ``uri`` from the storage flags (then the environment)."""
+    from pipeline.storage import storage_options
+
+    return storage_options(uri, endpoint_url=args.endpoint_url, anon=getattr(args, "anon", None))
 
 
 def checked(text: str, convert: Callable[[str], T], ok: Callable[[T], bool], expected: str) -> T:
@@ -37,6 +73,31 @@ def positive_int(text: str) -> int:
 def non_negative(text: str) -> float:
     """A finite number >= 0."""
     return checked(text, float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    return checked(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """The type of an integer >= ``minimum`` ("expected an integer at least MINIMUM")."""
+
+    def parse(text: str) -> int:
+        return checked(text, int, lambda v: v >= minimum, f"an integer at least {minimum}")
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """Numbers separated by commas ("0.75,0.92"); empty items are left out."""
+    return checked(
+        text,
+        lambda t: tuple(float(v) for v in t.split(",") if v.strip()),
+        lambda v: True,
+        "numbers separated by commas",
+    )
 
 
 def score(text: str) -> float:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
-# (subcommand, module). Listed in the order `maskrcnn --help` shows them; a
-# module that does not exist yet is left out of the help.
+from jobs.args import UsageError
+
+# (subcommand, module), in the order `maskrcnn --help` shows them.
 COMMANDS: list[tuple[str, str]] = [
     ("demo", "jobs.demo"),
     ("shapes", "jobs.shapes"),
@@ -26,14 +26,6 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
-class UsageError(Exception):
-    """An error in what the user asked for; printed as one line, exit code 2."""
-
-
-def available_commands() -> list[tuple[str, str]]:
-    return [(name, mod) for name, mod in COMMANDS if importlib.util.find_spec(mod) is not None]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskrcnn",
@@ -41,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in available_commands():
+    for name, modname in COMMANDS:
         module = importlib.import_module(modname)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -20,6 +20,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.args import positive_int
@@ -128,12 +129,6 @@ def _train_argv(data: Path, runs: Path, name: str, iters: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _model_id(path: Path) -> str:
-    from maskrcnn.checkpoint import load, model_id
-
-    return model_id(load(str(path)))
-
-
 def _segment_must_overwrite(out: Path, model: str, fresh_remade: bool) -> bool:
     """Whether OUTPUT holds a run of another model or of images that were remade."""
     if not out.exists():
@@ -167,76 +162,134 @@ def _init_ray() -> None:
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), configure_logging=False)
 
 
+@dataclass(frozen=True)
+class _Paths:
+    """Where each step's output goes, under the work folder."""
+
+    work: Path
+    data: Path
+    fresh: Path
+    runs: Path
+    out: Path
+    overlays: Path
+    metrics: Path
+
+    @classmethod
+    def under(cls, work: Path) -> _Paths:
+        return cls(
+            work, data=work / "shapes", fresh=work / "fresh", runs=work / "runs",
+            out=work / "segments", overlays=work / "overlays", metrics=work / "metrics.json",
+        )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     steps = _Steps(7)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data, fresh, runs = work / "shapes", work / "fresh", work / "runs"
-    out, overlays, metrics = work / "segments", work / "overlays", work / "metrics.json"
-    print(f"maskrcnn demo: everything goes to {work}")
+    paths = _Paths.under(Path(args.workdir).resolve())
+    paths.work.mkdir(parents=True, exist_ok=True)
+    print(f"maskrcnn demo: everything goes to {paths.work}")
 
     steps("shapes dataset for training and evaluation")
+    data_settings = _training_data(args, paths)
+    steps("train the tiny preset with Ray Train (2 workers, DDP on CPU)")
+    model_path = _train(args, paths, data_settings)
+    if model_path is None:
+        return 1
+    steps("evaluate: COCO bbox and mask AP on the validation images")
+    ap = _evaluate(paths, model_path)
+    if ap is None:
+        return 1
+    steps("segment fresh images with Ray Data into Parquet")
+    if not _segment(args, paths, model_path):
+        return 1
+    steps("query the results with SQL (DuckDB, read-only)")
+    if not _query(paths):
+        return 1
+    steps("render overlays")
+    if not _render(paths):
+        return 1
+    steps("done")
+    _summary(paths, model_path, ap, steps.elapsed())
+    return 0
+
+
+def _training_data(args: argparse.Namespace, paths: _Paths) -> dict:
+    """Step 1: the train and val splits; returns their settings."""
     data_settings = {
         "images": args.train_images, "val_images": args.val_images,
         "size": args.size, "seed": 0,
     }  # fmt: skip
-    _dataset(data, data_settings, ["train", "val"])
+    _dataset(paths.data, data_settings, ["train", "val"])
+    return data_settings
 
-    steps("train the tiny preset with Ray Train (2 workers, DDP on CPU)")
+
+def _train(args: argparse.Namespace, paths: _Paths, data_settings: dict) -> Path | None:
+    """Step 2: the trained model's path (reused when these settings trained one), or None
+    when training failed."""
     train_settings = {"data": data_settings, "iters": args.train_iters, "v": 2}
     digest = hashlib.sha256(json.dumps(train_settings, sort_keys=True).encode()).hexdigest()
     name = f"tiny-shapes-{digest[:8]}"
-    model_path = runs / name / "model.safetensors"
+    model_path = paths.runs / name / "model.safetensors"
     if model_path.is_file():
         print(f"reusing {model_path} (trained with the same settings)")
-    else:
-        _init_ray()
-        if _command(_train_argv(data, runs, name, args.train_iters)) != 0:
-            return 1
-    model = _model_id(model_path)
+        return model_path
+    _init_ray()
+    if _command(_train_argv(paths.data, paths.runs, name, args.train_iters)) != 0:
+        return None
+    return model_path
 
-    steps("evaluate: COCO bbox and mask AP on the validation images")
-    report = _metrics_current(metrics, model_path)
+
+def _evaluate(paths: _Paths, model_path: Path) -> dict[str, float] | None:
+    """Step 3: AP per IoU type (the saved evaluation of this model when there is one), or
+    None when evaluation failed."""
+    report = _metrics_current(paths.metrics, model_path)
     if report is not None:
-        print(f"reusing {metrics} (evaluation of this model)")
+        print(f"reusing {paths.metrics} (evaluation of this model)")
     else:
         argv = ["evaluate", "--model", str(model_path), "--annotations"]
-        argv += [str(data / "val" / "annotations.json"), "--output", str(metrics)]
+        argv += [str(paths.data / "val" / "annotations.json"), "--output", str(paths.metrics)]
         if _command(argv) != 0:
-            return 1
-        report = json.loads(metrics.read_text())
-    ap = {kind: m["AP"] for kind, m in report["metrics"].items()}
+            return None
+        report = json.loads(paths.metrics.read_text())
+    return {kind: m["AP"] for kind, m in report["metrics"].items()}
 
-    steps("segment fresh images with Ray Data into Parquet")
+
+def _segment(args: argparse.Namespace, paths: _Paths, model_path: Path) -> bool:
+    """Step 4: fresh images, segmented into paths.out; False when segment failed."""
+    from pipeline.output.checkpoint import checkpoint_model_id
+
+    model = checkpoint_model_id(str(model_path))
     fresh_settings = {"images": args.images, "size": args.size, "seed": 1}
-    fresh_remade = _dataset(fresh, fresh_settings, ["train"])
-    argv = ["segment", str(fresh / "train" / "images"), str(out), "--model", str(model_path)]
-    argv += ["--batch-size", "4", "--rows-per-part", "50"]
+    fresh_remade = _dataset(paths.fresh, fresh_settings, ["train"])
+    out = paths.out
+    argv = ["segment", str(paths.fresh / "train" / "images"), str(out)]
+    argv += ["--model", str(model_path), "--batch-size", "4", "--rows-per-part", "50"]
     if _segment_must_overwrite(out, model, fresh_remade):
         print(f"{out} holds results of another model or other images: replacing them")
         argv.append("--overwrite")
     if not (out / "_manifest.json").is_file() or "--overwrite" in argv:
         _init_ray()  # work to do: on the embedded instance (segment would use RAY_ADDRESS)
-    if _command(argv) != 0:
-        return 1
+    return _command(argv) == 0
 
-    steps("query the results with SQL (DuckDB, read-only)")
+
+def _query(paths: _Paths) -> bool:
+    """Step 5: the QUERIES over the results; False when one failed."""
     for title, sql in QUERIES:
         print(f"-- {title}")
-        if _command(["query", str(out), sql, "--max-rows", "10"]) != 0:
-            return 1
-
-    steps("render overlays")
-    if _command(["render", str(out), str(overlays), "--limit", "6", "--min-score", "0.5"]) != 0:
-        return 1
-
-    steps("done")
-    _summary(work, data, fresh, model_path, metrics, out, overlays, ap, steps.elapsed())
-    return 0
+        if _command(["query", str(paths.out), sql, "--max-rows", "10"]) != 0:
+            return False
+    return True
 
 
-def _summary(work, data, fresh, model_path, metrics, out, overlays, ap, seconds) -> None:
+def _render(paths: _Paths) -> bool:
+    """Step 6: a few overlays; False when render failed."""
+    argv = ["render", str(paths.out), str(paths.overlays), "--limit", "6", "--min-score", "0.5"]
+    return _command(argv) == 0
+
+
+def _summary(paths: _Paths, model_path: Path, ap: dict[str, float], seconds: float) -> None:
     aps = ", ".join(f"{kind} AP {value:.3f}" for kind, value in ap.items())
+    work, data, fresh, out = paths.work, paths.data, paths.fresh, paths.out
+    metrics, overlays = paths.metrics, paths.overlays
     print(
         f"""maskrcnn demo finished in {seconds:.0f}s; {aps}
 

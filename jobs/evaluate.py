@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from jobs.query import add_storage_arguments, storage_options_for
+from jobs.args import add_storage_arguments, positive_int, require_at_least, storage_options_for
 
 HELP = "COCO bbox and segm AP of a segment OUTPUT (--predictions) or a model (--model)"
 
@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="metrics JSON to write (local or URI; default metrics.json)",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="with --model: images per batch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="with --model: images per batch"
+    )
     parser.add_argument(
         "--device", default="auto", help="with --model: auto (cuda when available), cpu, cuda:0..."
     )
@@ -49,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --model: drop detections below (default: the model config's)",
     )
     parser.add_argument(
-        "--max-detections", type=int, default=100, help="with --model: per image (default 100)"
+        "--max-detections",
+        type=positive_int,
+        default=100,
+        help="with --model: per image (default 100)",
     )
     parser.add_argument(
         "--limit", type=int, default=None, help="with --model: only the first N images (by id)"
@@ -58,19 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.cli import UsageError
     from pipeline.output.coco_results import load_coco_json
     from pipeline.output.evaluate import coco_evaluate, evaluate_output
     from pipeline.storage import redact, write_text
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(
-            f"--limit must be at least 1 (or left out for every image), got {args.limit}"
-        )
-    if args.max_detections < 1:
-        raise UsageError(f"--max-detections must be at least 1, got {args.max_detections}")
+    require_at_least("--limit", args.limit, 1, " (or left out for every image)")
     annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
     report: dict = {"annotations": redact(args.annotations)}
     if args.predictions:
@@ -108,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_model(args: argparse.Namespace, annotations: dict) -> tuple[list, list, float]:
     import torch
 
-    from jobs.cli import UsageError
-    from maskrcnn.checkpoint import load
+    from jobs.args import UsageError
+    from pipeline.output.checkpoint import load_checkpoint
     from pipeline.output.evaluate import predict_coco_results
     from pipeline.storage import redact
 
@@ -119,7 +116,7 @@ def _run_model(args: argparse.Namespace, annotations: dict) -> tuple[list, list,
         device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
-    model = load(args.model, map_location=device)
+    model = load_checkpoint(args.model, device)
     images_root = args.images or _parent(args.annotations)
     total = min(len(annotations["images"]), args.limit or len(annotations["images"]))
     seen = [0]

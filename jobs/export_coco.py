@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from jobs.query import add_storage_arguments, storage_options_for
+from jobs.args import add_storage_arguments, storage_options_for
 
 HELP = "write a segment OUTPUT's detections as COCO results JSON (for COCO.loadRes)"
 

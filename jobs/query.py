@@ -15,29 +15,11 @@ import json
 import sys
 from typing import Any, TextIO
 
+from jobs.args import UsageError, add_storage_arguments, storage_options_for
+
 HELP = "run SQL (DuckDB, read-only) over a segment OUTPUT: views `images` and `instances`"
 
 MAX_CELL = 40  # characters of a cell shown in the table format
-
-
-def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
-    """--endpoint-url and --anon, shared by the commands that read OUTPUT."""
-    parser.add_argument(
-        "--endpoint-url",
-        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
-    )
-    parser.add_argument(
-        "--anon",
-        action="store_true",
-        default=None,
-        help="anonymous S3 access (also MASKRCNN_S3_ANON=1)",
-    )
-
-
-def storage_options_for(args: argparse.Namespace, uri: str) -> dict[str, Any]:
-    from pipeline.storage import storage_options
-
-    return storage_options(uri, endpoint_url=args.endpoint_url, anon=args.anon)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
 def sql_error(exc: Exception) -> Exception:
     """A one-line UsageError (exit code 2) for a DuckDB error: bad SQL or a forbidden operation."""
-    from jobs.cli import UsageError
-
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "Permission Error" in first or "configuration has been locked" in first:
         first += " (queries are read-only over the views images and instances)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.query import add_storage_arguments, storage_options_for
+from jobs.args import add_storage_arguments, require_at_least, storage_options_for
 
 HELP = "draw PNG overlays (masks, boxes, labels) for images of a segment OUTPUT"
 
@@ -33,75 +33,37 @@ def run(args: argparse.Namespace) -> int:
     import duckdb
     import pyarrow as pa
 
-    from jobs.cli import UsageError
     from jobs.query import sql_error
+    from pipeline.output.render import render_output
     from pipeline.output.results import open_results
-    from pipeline.storage import get_fs, join, redact
+    from pipeline.storage import redact
 
-    if args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    require_at_least("--limit", args.limit, 1)
     results = open_results(args.output, storage_options_for(args, args.output))
-    con = results.connect()
-    where = f"({args.where})" if args.where else "true"
-    out_fs, out_path = get_fs(args.dir, storage_options_for(args, args.dir))
-    written = skipped = 0
+
+    def written(uri: str, overlay: str) -> None:
+        print(f"render: {redact(uri)} -> {redact(overlay)}")
+
+    def failed(uri: str, exc: Exception) -> None:
+        print(f"maskrcnn render: warning: {redact(uri)}: {exc}", file=sys.stderr)
+
     try:
-        errors = con.sql(
-            f"SELECT count(*) FROM images WHERE status <> 'ok' AND {where}"
-        ).fetchall()[0][0]
-        reader = con.sql(
-            "SELECT uri, width, height, instances FROM images "
-            f"WHERE status = 'ok' AND {where} ORDER BY uri LIMIT {int(args.limit)}"
-        ).to_arrow_reader(16)
-        for batch in reader:
-            if batch.num_rows:
-                out_fs.makedirs(out_path, exist_ok=True)
-            for row in batch.to_pylist():
-                target = join(out_path, _overlay_name(row["uri"]))
-                try:
-                    _render_one(row, target, out_fs, args)
-                except (OSError, ValueError) as exc:
-                    skipped += 1
-                    print(f"maskrcnn render: warning: {redact(row['uri'])}: {exc}", file=sys.stderr)
-                    continue
-                written += 1
-                print(f"render: {redact(row['uri'])} -> {redact(_full(out_fs, target))}")
+        stats = render_output(
+            results,
+            args.dir,
+            lambda uri: storage_options_for(args, uri),
+            limit=args.limit,
+            where=args.where,
+            min_score=args.min_score,
+            on_written=written,
+            on_failed=failed,
+        )
     except (duckdb.Error, pa.ArrowException) as exc:
         raise sql_error(exc) from exc
-    if errors:
-        print(f"render: skipped {errors} error row(s)", file=sys.stderr)
+    if stats.error_rows:
+        print(f"render: skipped {stats.error_rows} error row(s)", file=sys.stderr)
     print(
-        f"render: wrote {written} overlay(s) to {redact(args.dir)}"
-        + (f", {skipped} image(s) failed" if skipped else "")
+        f"render: wrote {stats.written} overlay(s) to {redact(args.dir)}"
+        + (f", {stats.failed} image(s) failed" if stats.failed else "")
     )
-    return 0 if written or not skipped else 1
-
-
-def _overlay_name(uri: str) -> str:
-    from pipeline.output.render import overlay_name
-
-    return overlay_name(uri)
-
-
-def _full(fs, path: str) -> str:
-    from pipeline.storage import full_uri
-
-    return full_uri(fs, path)
-
-
-def _render_one(row: dict, target: str, out_fs, args: argparse.Namespace) -> None:
-    """Read, decode and draw one image's detections; write the PNG to ``target``."""
-    from pipeline.formats.decode import decode_image
-    from pipeline.output.render import draw_detections, png_bytes
-    from pipeline.storage import get_fs
-
-    uri = row["uri"]
-    fs, path = get_fs(uri, storage_options_for(args, uri))
-    image = decode_image(fs.cat_file(path), uri)
-    height, width = row["height"], row["width"]
-    if image.shape[:2] != (height, width):
-        raise ValueError(
-            f"the image is now {image.shape[1]}x{image.shape[0]}, the run saw {width}x{height}"
-        )
-    detections = [d for d in row["instances"] or [] if d["score"] >= args.min_score]
-    out_fs.pipe_file(target, png_bytes(draw_detections(image, detections)))
+    return 0 if stats.written or not stats.failed else 1

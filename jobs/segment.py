@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.args import actors, non_negative, positive_int, score
+from jobs.args import (
+    actors,
+    add_storage_arguments,
+    non_negative,
+    positive_int,
+    score,
+    storage_options_for,
+)
 
 HELP = "segment every image under INPUT into a Parquet dataset at OUTPUT (Ray Data, exactly once)"
 
@@ -64,19 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=500,
         help="images per Parquet file, also the most work a killed run loses (default 500)",
     )
-    p.add_argument(
-        "--endpoint-url", help="S3 endpoint for INPUT, OUTPUT and the model (else AWS_ENDPOINT_URL)"
-    )
-    p.add_argument("--anon", action="store_true", help="anonymous S3 access (public buckets)")
+    add_storage_arguments(p)
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.segment.driver import SegmentOptions, segment
     from pipeline.segment.model_source import ModelSource
-    from pipeline.storage import storage_options
 
-    anon = True if args.anon else None
     source = ModelSource(
         checkpoint=args.model,
         torchvision=args.torchvision_weights,
@@ -94,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         rows_per_part=args.rows_per_part,
         ray_address=args.address,
-        input_options=storage_options(args.input, args.endpoint_url, anon),
-        output_options=storage_options(args.output, args.endpoint_url, anon),
-        model_options=storage_options(source.uri, args.endpoint_url, anon),
+        input_options=storage_options_for(args, args.input),
+        output_options=storage_options_for(args, args.output),
+        model_options=storage_options_for(args, source.uri),
     )
     segment(args.input, args.output, source, opts, log=lambda m: print(m, flush=True))
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.args import add_storage_arguments, storage_options_for
+
 HELP = "write a synthetic shapes dataset (squares, circles, triangles) in COCO format"
 
 
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-images", type=int, default=0, help="validation images under OUTPUT/val (default 0)"
     )
-    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
+    add_storage_arguments(parser, anon=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.formats.shapes import make_shapes_dataset
 
     # Bad counts or size raise ValueError: the CLI prints one line and exits 2.
-    options = storage.storage_options(args.output, endpoint_url=args.endpoint_url)
+    options = storage_options_for(args, args.output)
     summary = make_shapes_dataset(
         args.output, args.images, args.size, args.seed, args.val_images, options
     )

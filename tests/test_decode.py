@@ -40,20 +40,20 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def test_rgb_png_is_lossless():
     rgb = gradient_rgb()
-    out = decode_image(encode(Image.fromarray(rgb), "PNG"), "a.png")
+    out = decode_image(encode(Image.fromarray(rgb), "PNG"))
     assert out.dtype == np.uint8 and out.shape == (48, 64, 3)
     np.testing.assert_array_equal(out, rgb)
 
 
 def test_zero_bytes():
     with pytest.raises(DecodeError) as err:
-        decode_image(b"", "empty.jpg")
+        decode_image(b"")
     assert str(err.value) == "decode: empty file"
 
 
 def test_text_named_jpg():
     with pytest.raises(DecodeError) as err:
-        decode_image(b"this is not an image\n" * 10, "notes.jpg")
+        decode_image(b"this is not an image\n" * 10)
     assert str(err.value) == "decode: cannot identify image file"
 
 
@@ -63,7 +63,7 @@ def test_truncated_jpeg(keep):
     noisy = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noisy), "JPEG", quality=95)
     with pytest.raises(DecodeError) as err:
-        decode_image(data[: int(len(data) * keep)], "cut.jpg")
+        decode_image(data[: int(len(data) * keep)])
     assert str(err.value) == "decode: image file is truncated"
 
 
@@ -71,7 +71,7 @@ def test_16bit_png_is_scaled_not_clipped():
     values = np.linspace(0, 65535, 32 * 40).reshape(32, 40).astype(np.uint16)
     data = encode(Image.fromarray(values), "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
-    out = decode_image(data, "deep.png")
+    out = decode_image(data)
     assert out.shape == (32, 40, 3)
     expected = np.rint(values / 257.0).astype(np.uint8)
     np.testing.assert_array_equal(out[:, :, 0], expected)
@@ -85,21 +85,21 @@ def test_cmyk_jpeg():
     cmyk = Image.fromarray(rgb).convert("CMYK")
     data = encode(cmyk, "JPEG", quality=95)
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
-    out = decode_image(data, "print.jpg")
+    out = decode_image(data)
     assert out.shape == (48, 64, 3)
     assert np.abs(out.astype(int) - rgb.astype(int)).mean() < 6
 
 
 def test_greyscale():
     grey = gradient_rgb()[:, :, 0]
-    out = decode_image(encode(Image.fromarray(grey, "L"), "PNG"), "grey.png")
+    out = decode_image(encode(Image.fromarray(grey, "L"), "PNG"))
     for c in range(3):
         np.testing.assert_array_equal(out[:, :, c], grey)
 
 
 def test_one_bit():
     bits = gradient_rgb()[:, :, 0] > 128
-    out = decode_image(encode(Image.fromarray(bits), "PNG"), "bits.png")
+    out = decode_image(encode(Image.fromarray(bits), "PNG"))
     np.testing.assert_array_equal(out[:, :, 1], np.where(bits, 255, 0))
 
 
@@ -107,7 +107,7 @@ def test_rgba_composited_over_white():
     rgb = gradient_rgb()
     alpha = np.zeros(rgb.shape[:2], np.uint8)
     alpha[:, 32:] = 255
-    out = decode_image(encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), "a.png")
+    out = decode_image(encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"))
     np.testing.assert_array_equal(out[:, 32:], rgb[:, 32:])
     assert (out[:, :32] == 255).all()
 
@@ -117,7 +117,7 @@ def test_palette_png():
     palette_image = Image.fromarray(rgb).quantize(colors=16)
     data = encode(palette_image, "PNG")
     assert Image.open(io.BytesIO(data)).mode == "P"
-    out = decode_image(data, "pal.png")
+    out = decode_image(data)
     np.testing.assert_array_equal(out, np.asarray(palette_image.convert("RGB")))
 
 
@@ -126,7 +126,7 @@ def test_palette_with_transparency():
     image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     image.paste(1, (0, 0, 4, 8))
     data = encode(image, "PNG", transparency=0)
-    out = decode_image(data, "t.png")
+    out = decode_image(data)
     assert (out[:, :4] == [0, 0, 255]).all()
     assert (out[:, 4:] == 255).all()  # index 0 is transparent -> white
 
@@ -135,7 +135,7 @@ def test_gif_first_frame():
     frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (10, 200)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    out = decode_image(buf.getvalue(), "anim.gif")
+    out = decode_image(buf.getvalue())
     assert out.shape == (8, 8, 3) and abs(int(out.mean()) - 10) <= 2
 
 
@@ -144,19 +144,19 @@ def test_exif_rotated():
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: stored rotated, view by rotating 90 degrees clockwise
     data = encode(Image.fromarray(rgb), "PNG", exif=exif)
-    out = decode_image(data, "phone.png")
+    out = decode_image(data)
     assert out.shape == (64, 48, 3)  # width and height swapped
     np.testing.assert_array_equal(out, np.rot90(rgb, k=-1))
 
 
 def test_one_by_one():
-    out = decode_image(encode(Image.new("RGB", (1, 1), (7, 8, 9)), "PNG"), "dot.png")
+    out = decode_image(encode(Image.new("RGB", (1, 1), (7, 8, 9)), "PNG"))
     assert out.shape == (1, 1, 3) and out.tolist() == [[[7, 8, 9]]]
 
 
 def test_decompression_bomb_over_twice_the_limit():
     with pytest.raises(DecodeError) as err:
-        decode_image(png_header_only(20000, 20000), "bomb.png")
+        decode_image(png_header_only(20000, 20000))
     assert str(err.value) == (
         f"decode: decompression bomb (400000000 pixels > limit {Image.MAX_IMAGE_PIXELS})"
     )
@@ -165,12 +165,12 @@ def test_decompression_bomb_over_twice_the_limit():
 def test_decompression_bomb_just_over_the_limit_is_an_error_too():
     side = int(Image.MAX_IMAGE_PIXELS**0.5) + 10
     with pytest.raises(DecodeError) as err:
-        decode_image(png_header_only(side, side), "bomb.png")
+        decode_image(png_header_only(side, side))
     assert str(err.value).startswith("decode: decompression bomb (")
 
 
 def test_16bit_float_tiff():
     values = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
     data = encode(Image.fromarray(values, "F"), "TIFF")
-    out = decode_image(data, "f.tif")
+    out = decode_image(data)
     np.testing.assert_array_equal(out[:, :, 0], np.rint(values * 255).astype(np.uint8))

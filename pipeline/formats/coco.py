@@ -232,9 +232,6 @@ class CocoDataset(torch.utils.data.Dataset):
     def image_ids(self) -> list[int]:
         return [r.image_id for r in self._records]
 
-    def image_uri(self, i: int) -> str:
-        return storage.join(self.image_root, self._records[i].file_name)
-
     def load(self, i: int) -> Sample | None:
         """Sample ``i``, or None when its image cannot be read or decoded (logged once)."""
         record = self._records[i]

@@ -48,18 +48,18 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, uri: str = "") -> np.ndarray:
+def decode_image(data: bytes) -> np.ndarray:
     """Decode encoded image bytes to a uint8 array [H, W, 3], RGB, EXIF-oriented.
 
-    ``uri`` is only used to let callers keep it beside the error; the format is
-    sniffed from the bytes, never trusted from the file name. Multi-frame files
-    (GIF, TIFF) give their first frame.
+    The format is sniffed from the bytes, never trusted from a file name (callers
+    keep the URI beside the error). Multi-frame files (GIF, TIFF) give their first
+    frame.
     """
     return _decode(data, None)[0]
 
 
 def decode_for_model(
-    data: bytes, min_size: int, max_size: int, uri: str = ""
+    data: bytes, min_size: int, max_size: int
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """(rgb, (height, width)): uint8 [h, w, 3] RGB, EXIF-oriented, and the full size as viewed.
 

@@ -143,11 +143,18 @@ def iter_shapes(count: int, size: int, seed: int, split: str = "train") -> Itera
         yield draw_shapes_image(image_rng(seed, split, index), size)
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+def png_bytes(image: Any, compress_level: int = 6) -> bytes:
+    """``image`` (uint8 RGB [H, W, 3], or a PIL image of any mode) encoded as PNG.
+
+    The one PNG encoder: the shapes dataset's images (the same bytes for the
+    same arguments), render's overlays, the tests' and benchmarks' pictures.
+    """
     from PIL import Image
 
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image, mode="RGB")
     buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=6)
+    image.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -198,7 +205,7 @@ def write_split(
         file_name = f"images/{image_id:06d}.png"
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         annotations += _annotations(sample, image_id, len(annotations) + 1)
-        pending[f"{images_path}/{image_id:06d}.png"] = _png_bytes(sample.image)
+        pending[f"{images_path}/{image_id:06d}.png"] = png_bytes(sample.image)
         if len(pending) >= upload_batch:
             fs.pipe(pending)  # s3fs uploads a batch concurrently
             pending = {}

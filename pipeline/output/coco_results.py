@@ -185,30 +185,11 @@ def output_coco_results(
         {c["name"]: c["id"] for c in annotations["categories"]} if annotations is not None else {}
     )
     for batch in iter_ok_batches(results, ["uri", "width", "height", "instances"]):
-        uris = batch.column("uri").to_pylist()
-        row_ids = np.full(len(uris), -1, dtype=np.int64)
-        for r, uri in enumerate(uris):  # per image, not per detection
-            image_id = matcher.match(uri) if matcher is not None else image_ids.get(uri)
-            if image_id is None:
-                stats.unmatched_images += 1
-            elif matcher is not None and image_id in stats.image_ids:
-                stats.duplicate_images += 1
-            else:
-                stats.image_ids.add(image_id)
-                row_ids[r] = image_id
-                stats.images += 1
+        row_ids = _row_image_ids(batch.column("uri").to_pylist(), matcher, image_ids, stats)
         det = _flat_instances(batch)
         det_image = row_ids[det["row"]]
         if matcher is not None:
-            names = pc.dictionary_encode(det["label_name"])
-            dict_names = names.dictionary.to_pylist() + [None]  # last: null names
-            lookup = np.array([name_to_cat.get(n, -1) for n in dict_names], dtype=np.int64)
-            codes = names.indices.fill_null(len(dict_names) - 1).to_numpy(zero_copy_only=False)
-            det_cat = lookup[codes]
-            unknown = (det_cat < 0) & (det_image >= 0)
-            if unknown.any():
-                stats.unknown_class_detections += int(unknown.sum())
-                stats.unknown_classes.update(str(dict_names[c]) for c in np.unique(codes[unknown]))
+            det_cat = _category_ids(det["label_name"], det_image, name_to_cat, stats)
         else:
             det_cat = det["label"].astype(np.int64)
         keep = np.nonzero((det_image >= 0) & (det_cat >= 0))[0]
@@ -227,6 +208,44 @@ def output_coco_results(
             sizes,
             [counts[k] for k in keep.tolist()],
         )
+
+
+def _row_image_ids(
+    uris: Sequence[str],
+    matcher: ImageMatcher | None,
+    image_ids: Mapping[str, int] | None,
+    stats: ExportStats,
+) -> np.ndarray:
+    """The image id of each row (-1: left out), by ``matcher`` or else ``image_ids``."""
+    row_ids = np.full(len(uris), -1, dtype=np.int64)
+    for r, uri in enumerate(uris):  # per image, not per detection
+        image_id = matcher.match(uri) if matcher is not None else image_ids.get(uri)
+        if image_id is None:
+            stats.unmatched_images += 1
+        elif matcher is not None and image_id in stats.image_ids:
+            stats.duplicate_images += 1
+        else:
+            stats.image_ids.add(image_id)
+            row_ids[r] = image_id
+            stats.images += 1
+    return row_ids
+
+
+def _category_ids(
+    label_names: Any, det_image: np.ndarray, name_to_cat: Mapping[str, int], stats: ExportStats
+) -> np.ndarray:
+    """The category id of each detection by its label_name (-1: not a category); counts
+    the unknown ones of kept images (``det_image`` >= 0) in ``stats``."""
+    names = pc.dictionary_encode(label_names)
+    dict_names = names.dictionary.to_pylist() + [None]  # last: null names
+    lookup = np.array([name_to_cat.get(n, -1) for n in dict_names], dtype=np.int64)
+    codes = names.indices.fill_null(len(dict_names) - 1).to_numpy(zero_copy_only=False)
+    det_cat = lookup[codes]
+    unknown = (det_cat < 0) & (det_image >= 0)
+    if unknown.any():
+        stats.unknown_class_detections += int(unknown.sum())
+        stats.unknown_classes.update(str(dict_names[c]) for c in np.unique(codes[unknown]))
+    return det_cat
 
 
 def output_image_ids(results: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:

@@ -153,15 +153,6 @@ def _load_results(gt: Any, results_list: Sequence[Mapping[str, Any]], iou_type: 
         return empty
 
 
-def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """A compact table: one line per IoU type with AP, AP50, AP75, APs, APm, APl."""
-    cols = STAT_NAMES[:6]
-    lines = [f"{'':6}" + "".join(f"{c:>8}" for c in cols)]
-    for iou_type, m in metrics.items():
-        lines.append(f"{iou_type:6}" + "".join(f"{m[c]:8.3f}" for c in cols))
-    return "\n".join(lines)
-
-
 def label_to_category_ids(
     class_names: Sequence[str], categories: Sequence[Mapping[str, Any]]
 ) -> dict[int, int]:
@@ -221,8 +212,7 @@ def predict_coco_results(
     """
     import torch
 
-    from pipeline.formats.decode import DecodeError, decode_image
-    from pipeline.storage import get_fs, join, redact
+    from pipeline.storage import get_fs
 
     label_map = label_to_category_ids(model.cfg.label_names, annotations["categories"])
     images = sorted(annotations["images"], key=lambda im: im["id"])[:limit]
@@ -232,27 +222,10 @@ def predict_coco_results(
     problems: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        paths = {im["id"]: get_fs(join(images_root, im["file_name"]), options)[1] for im in chunk}
-        blobs = fs.cat(list(paths.values()), on_error="return")  # concurrent on object stores
         tensors, ids = [], []
-        for im in chunk:
-            data = blobs.get(paths[im["id"]])
-            where = redact(join(images_root, im["file_name"]))
-            try:
-                if isinstance(data, BaseException) or data is None:
-                    raise OSError(f"cannot read: {data}")
-                rgb = decode_image(data, where)
-            except (OSError, DecodeError) as exc:
-                problems.append(f"{where}: {exc}")
-                continue
-            if im.get("height") and (rgb.shape[0], rgb.shape[1]) != (im["height"], im["width"]):
-                problems.append(
-                    f"{where}: decoded {rgb.shape[1]}x{rgb.shape[0]} but the annotations say "
-                    f"{im['width']}x{im['height']}"
-                )
-                continue
+        for image_id, rgb in _read_images(fs, images_root, options, chunk, problems):
             tensors.append(torch.from_numpy(rgb).permute(2, 0, 1).to(model.device))
-            ids.append(im["id"])
+            ids.append(image_id)
         if tensors:
             with torch.inference_mode():
                 preds = model.predict(
@@ -263,3 +236,39 @@ def predict_coco_results(
         if progress is not None:
             progress(len(chunk))
     return results, done, problems
+
+
+def _read_images(
+    fs: Any,
+    images_root: str,
+    options: dict[str, Any] | None,
+    images: Sequence[Mapping[str, Any]],
+    problems: list[str],
+) -> list[tuple[int, Any]]:
+    """(image id, uint8 RGB [H, W, 3]) of each of ``images`` (COCO image entries) that
+    reads, decodes and has the size its entry says; one message in ``problems`` for
+    each other one."""
+    from pipeline.formats.decode import DecodeError, decode_image
+    from pipeline.storage import get_fs, join, redact
+
+    paths = {im["id"]: get_fs(join(images_root, im["file_name"]), options)[1] for im in images}
+    blobs = fs.cat(list(paths.values()), on_error="return")  # concurrent on object stores
+    decoded = []
+    for im in images:
+        data = blobs.get(paths[im["id"]])
+        where = redact(join(images_root, im["file_name"]))
+        try:
+            if isinstance(data, BaseException) or data is None:
+                raise OSError(f"cannot read: {data}")
+            rgb = decode_image(data)
+        except (OSError, DecodeError) as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if im.get("height") and (rgb.shape[0], rgb.shape[1]) != (im["height"], im["width"]):
+            problems.append(
+                f"{where}: decoded {rgb.shape[1]}x{rgb.shape[0]} but the annotations say "
+                f"{im['width']}x{im['height']}"
+            )
+            continue
+        decoded.append((im["id"], rgb))
+    return decoded

@@ -1,16 +1,21 @@
-"""Drawing detections over their image: tinted masks, box outlines, "label score" text."""
+"""Drawing detections over their image: tinted masks, box outlines, "label score" text;
+:func:`render_output` draws the overlays of a finished OUTPUT's images."""
 
 from __future__ import annotations
 
 import colorsys
 import hashlib
-import io
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.formats.decode import decode_image
+from pipeline.formats.shapes import png_bytes
+from pipeline.storage import full_uri, get_fs, join
 
 MASK_ALPHA = 0.5  # weight of the class colour inside a mask
 
@@ -107,7 +112,81 @@ def overlay_name(uri: str) -> str:
     return f"{stem}-{digest}.png"
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+@dataclass
+class RenderStats:
+    """What :func:`render_output` did: overlays written, images that failed, error rows left out."""
+
+    written: int = 0
+    failed: int = 0
+    error_rows: int = 0
+
+
+def render_output(
+    results: Any,
+    out_uri: str,
+    options_for: Callable[[str], dict[str, Any]],
+    limit: int = 100,
+    where: str | None = None,
+    min_score: float = 0.0,
+    on_written: Callable[[str, str], None] | None = None,
+    on_failed: Callable[[str, Exception], None] | None = None,
+) -> RenderStats:
+    """One PNG overlay under ``out_uri`` per ok image of ``results`` (a
+    pipeline.output.results.Results), at most ``limit``, in URI order.
+
+    ``where``: an SQL predicate over the `images` view, on the results' read-only
+    connection (its DuckDB errors propagate). ``options_for(uri)``: storage options
+    for ``out_uri`` and for each image. Detections scoring below ``min_score`` are
+    not drawn. An image that cannot be read, decoded or drawn (OSError, ValueError)
+    is counted and reported to ``on_failed(uri, exc)``; each overlay written to
+    ``on_written(uri, overlay_uri)``.
+    """
+    con = results.connect()
+    predicate = f"({where})" if where else "true"
+    out_fs, out_path = get_fs(out_uri, options_for(out_uri))
+    stats = RenderStats()
+    stats.error_rows = con.sql(
+        f"SELECT count(*) FROM images WHERE status <> 'ok' AND {predicate}"
+    ).fetchall()[0][0]
+    reader = con.sql(
+        "SELECT uri, width, height, instances FROM images "
+        f"WHERE status = 'ok' AND {predicate} ORDER BY uri LIMIT {int(limit)}"
+    ).to_arrow_reader(16)
+    for batch in reader:
+        if batch.num_rows:
+            out_fs.makedirs(out_path, exist_ok=True)
+        for row in batch.to_pylist():
+            target = join(out_path, overlay_name(row["uri"]))
+            try:
+                render_row(row, target, out_fs, options_for(row["uri"]), min_score)
+            except (OSError, ValueError) as exc:
+                stats.failed += 1
+                if on_failed is not None:
+                    on_failed(row["uri"], exc)
+                continue
+            stats.written += 1
+            if on_written is not None:
+                on_written(row["uri"], full_uri(out_fs, target))
+    return stats
+
+
+def render_row(
+    row: dict[str, Any],
+    target: str,
+    out_fs: Any,
+    options: dict[str, Any] | None = None,
+    min_score: float = 0.0,
+) -> None:
+    """Read and decode the image of ``row`` (an `images` row: uri, width, height,
+    instances), draw its detections scoring at least ``min_score`` and write the PNG
+    to ``target`` on ``out_fs``. ValueError when the image is no longer the size the
+    run saw."""
+    fs, path = get_fs(row["uri"], options)
+    image = decode_image(fs.cat_file(path))
+    height, width = row["height"], row["width"]
+    if image.shape[:2] != (height, width):
+        raise ValueError(
+            f"the image is now {image.shape[1]}x{image.shape[0]}, the run saw {width}x{height}"
+        )
+    detections = [d for d in row["instances"] or [] if d["score"] >= min_score]
+    out_fs.pipe_file(target, png_bytes(draw_detections(image, detections)))

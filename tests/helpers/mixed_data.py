@@ -26,13 +26,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.formats.shapes import draw_shapes_image
+from pipeline.formats.shapes import draw_shapes_image, png_bytes
 
 # --- single files ------------------------------------------------------------------
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    """``image`` saved as ``fmt`` (a Pillow format name) to bytes."""
+    """``image`` saved as ``fmt`` (a Pillow format name) to bytes; PNG by the pipeline's
+    encoder (pipeline.formats.shapes.png_bytes)."""
+    if fmt == "PNG":
+        return png_bytes(image, **kwargs)
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
     return buf.getvalue()
