@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from bench.common import write_result  # noqa: E402
+from bench.common import machine_info, write_result  # noqa: E402
 from bench.pipeline_bench import (  # noqa: E402
     init_ray,
     model_or_tiny,
@@ -110,12 +109,7 @@ def main() -> int:
     errors = collections.Counter(e.error.split(" (")[0] for e in mixed.values() if e.error)
     result = {
         "what": "segment images/s and peak memory: mixed set (bad, huge, tiny) vs clean set",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_avg_before": load_before,
-            "load_avg_after": load_after,
-        },
+        "machine": machine_info(load_before, load_after),
         "params": vars(args),
         "sizes": {
             "images_per_set": args.images,

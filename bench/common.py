@@ -86,6 +86,16 @@ def match_detections(
     return int(ok.sum()), n
 
 
+def machine_info(load_before: Any, load_after: Any) -> dict[str, Any]:
+    """The "machine" record of a result: CPUs, platform and the load around the run."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+    }
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {

@@ -165,13 +165,22 @@ print(json.dumps({{"results": results, "imported": heavy}}))
     assert got["imported"] == []
 
 
+def tree_bytes(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (recursively) -> its bytes (None for a folder)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
+
+
 def test_bad_input_with_overwrite_keeps_the_finished_output(tmp_path):
     """--overwrite replaces OUTPUT only once INPUT is known good: a typo loses nothing."""
     from helpers.outputs_fixture import ok_row, write_output
 
     done = tmp_path / "done"
     write_output(str(done), [ok_row(str(tmp_path / "x.png"), 8, 8, [])])
-    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    before = tree_bytes(done)
+    assert sorted(before) == ["_manifest.json", "part-00000.parquet"]
     got = _fresh_python(
         "import contextlib, io, json\n"
         "from jobs.cli import main\n"
@@ -183,4 +192,4 @@ def test_bad_input_with_overwrite_keeps_the_finished_output(tmp_path):
         tmp_path,
     )
     assert got[0] == 2 and f"INPUT {tmp_path}/typo: no such folder or prefix" in got[1], got
-    assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+    assert tree_bytes(done) == before  # same paths (folders too), same bytes

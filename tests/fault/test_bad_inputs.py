@@ -7,6 +7,7 @@ at a time to keep the suite fast.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,9 +112,24 @@ def scratch(tmp_path_factory) -> Path:
     return root
 
 
+def tree_digests(root: Path) -> dict[str, str | None]:
+    """Every path under ``root`` -> the sha256 of its bytes (None for a folder)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
 @pytest.fixture(scope="module")
-def results(scratch) -> dict[str, tuple[subprocess.CompletedProcess, ...]]:
-    """case id -> (plain run, --debug run or None), all run up front, in parallel."""
+def done_before(scratch) -> dict[str, str | None]:
+    """The finished OUTPUT's every file and its bytes, before any case runs."""
+    return tree_digests(scratch / "done")
+
+
+@pytest.fixture(scope="module")
+def results(scratch, done_before) -> dict[str, tuple[subprocess.CompletedProcess, ...]]:
+    """case id -> (plain run, --debug run or None), all run up front, in parallel
+    (after the snapshot of the finished OUTPUT)."""
     root = str(scratch)
 
     def argv(case_argv: list[str]) -> list[str]:
@@ -150,11 +166,10 @@ def test_one_line_error_naming_the_input_and_nothing_committed(case, results, sc
     assert not (scratch / "metrics.json").exists()
 
 
-def test_done_output_untouched_by_the_refusals(results, scratch):
-    assert sorted(p.name for p in (scratch / "done").iterdir()) == [
-        "_manifest.json",
-        "part-00000.parquet",
-    ]
+def test_done_output_untouched_by_the_refusals(results, scratch, done_before):
+    assert sorted(done_before) == ["_manifest.json", "part-00000.parquet"]
+    # Same paths, same bytes: nothing added, removed or rewritten by the refused runs.
+    assert tree_digests(scratch / "done") == done_before
 
 
 @pytest.mark.parametrize("case_id", DEBUG_CASES)
