@@ -117,9 +117,9 @@ def check(plan: ActorPlan, shapes: list[NodeShape], may_add_nodes: bool, warn) -
     if why is None:
         return
     line = (
-        f"segment: {_flags(plan)} {why} (the cluster has {shapes_text(shapes)}); "
+        f"{_flags(plan)} {why} (the cluster has {shapes_text(shapes)}); "
         f"try {alternative(plan, shapes)}"
     )
     if not may_add_nodes:
         raise InfeasibleError(line)
-    warn(line + "; waiting for the autoscaler to add a node that fits")
+    warn("segment: " + line + "; waiting for the autoscaler to add a node that fits")

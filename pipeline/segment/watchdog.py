@@ -55,7 +55,7 @@ class Watchdog:
         idle = now - self._last
         if self.stall_timeout > 0 and idle >= self.stall_timeout:
             self.error = (
-                f"segment: stalled: no part for {idle:.0f}s (--stall-timeout "
+                f"stalled: no part for {idle:.0f}s (--stall-timeout "
                 f"{self.stall_timeout:g}) while Ray cannot place {cluster.demands_text(pending)} "
                 f"(the cluster has {cluster.shapes_text(cluster.node_shapes())}, "
                 f"{cluster.resources_text()}); {self.rows} images committed stay committed: "
