@@ -11,6 +11,7 @@ node shares this filesystem). The unit tests of the rules themselves need no Ray
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -213,9 +214,12 @@ def test_a_dead_recorded_cluster_does_not_stop_segment(data, tmp_path):
     (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
-    out = tmp_path / "out"
-    done = run_cli(segment_argv(data, out, "--actors", "1", "--cpus-per-actor", "1"), env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"the Ray cluster at {dead} that `ray start` recorded does not answer" in done.stdout
+    try:
+        out = tmp_path / "out"
+        done = run_cli(segment_argv(data, out, "--actors", "1", "--cpus-per-actor", "1"), env)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert f"the Ray cluster at {dead} that `ray start` recorded does not answer" in done.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     table, _ = read_back(str(out))
     assert_exactly_once(table, data["uris"])
