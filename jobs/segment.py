@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--gpus-per-actor", type=non_negative, help="default 1 when the cluster has GPUs, else 0"
     )
     p.add_argument(
-        "--cpus-per-actor", type=non_negative, help="default 1 with GPUs, else half the CPUs"
+        "--cpus-per-actor",
+        type=non_negative,
+        help="default 1 with GPUs, else half the largest node's CPUs",
     )
     p.add_argument(
         "--score-threshold",
@@ -72,7 +74,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="images per Parquet file, also the most work a killed run loses (default 500)",
     )
     add_storage_arguments(p)
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument(
+        "--address",
+        help="Ray address (default: RAY_ADDRESS, else the live `ray start` cluster, else local)",
+    )
+    # Cluster shape and stalls (issue 17).
+    p.add_argument(
+        "--stall-timeout",
+        type=non_negative,
+        default=900.0,
+        metavar="SECONDS",
+        help="fail after this long without a part while Ray cannot place a demand "
+        "(default 900; 0: never)",
+    )
+    p.add_argument(
+        "--autoscaling",
+        action="store_true",
+        help="the cluster adds nodes on demand: an actor no node can host warns, not fails",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         rows_per_part=args.rows_per_part,
         ray_address=args.address,
+        stall_timeout=args.stall_timeout,
+        autoscaling=args.autoscaling,
         input_options=storage_options_for(args, args.input),
         output_options=storage_options_for(args, args.output),
         model_options=storage_options_for(args, source.uri),

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.cluster import init_ray, launching, node_shapes
 from pipeline.output.schema import MANIFEST_NAME
 from pipeline.segment.commit import (
     PLAN_NAME,
@@ -43,6 +44,9 @@ from pipeline.segment.commit import (
 from pipeline.segment.inputs import list_inputs
 from pipeline.segment.lease import Lease
 from pipeline.segment.model_source import ModelSource, load_model
+from pipeline.segment.resources import actor_plan
+from pipeline.segment.resources import check as check_plan
+from pipeline.segment.watchdog import Watchdog
 from pipeline.storage import get_fs, redact
 
 if TYPE_CHECKING:
@@ -66,7 +70,7 @@ class SegmentOptions:
     batch_size: int = 4
     actors: tuple[int, int] | None = None  # (min, max); default from the cluster
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float | None = None  # default: 1 with a GPU, else half the CPUs
+    cpus_per_actor: float | None = None  # default: 1 with a GPU, else half the largest node's
     score_threshold: float | None = None
     max_detections: int | None = None
     fast: bool = False
@@ -78,6 +82,9 @@ class SegmentOptions:
     output_options: dict[str, Any] | None = None
     model_options: dict[str, Any] | None = None
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+    stall_timeout: float = 900.0  # seconds without a part while Ray cannot place; 0: off
+    autoscaling: bool = False  # the cluster may add nodes: an actor no node hosts only warns
+    wait_interval: float = 60.0  # seconds between "waiting for resources" lines
 
 
 def segment(
@@ -105,7 +112,7 @@ def segment(
         return summary
     with run.leased():
         run.open(listed)
-        _init_ray(opts.ray_address)
+        init_ray(opts.ray_address, run.log, "segment")
         summary = run.finish(run.execute())
     out.remove(RUN_DIR, recursive=True)
     return summary
@@ -252,15 +259,19 @@ class SegmentRun:
         started = time.monotonic()
         processed: dict[str, Any] = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
         if pending:
-            for record in self.dataset(pending).iter_rows():
-                self.lease.check()  # never write a part after another run took OUTPUT over
-                self.out.write_part(record["name"], record["data"])
-                processed["parts"] += 1
-                if processed["parts"] == 1:  # startup (actors, first batches) shows here
-                    processed["first_part_s"] = time.monotonic() - started
-                    processed["first_part_rows"] = int(record["rows"])
-                for key in ("rows", "ok", "error", "instances"):
-                    processed[key] += int(record[key])
+            dataset = self.dataset(pending)
+            watchdog = Watchdog(self.log, self.opts.stall_timeout, self.opts.wait_interval)
+            with watchdog.watching():
+                for record in dataset.iter_rows():
+                    self.lease.check()  # never write a part after another run took OUTPUT over
+                    self.out.write_part(record["name"], record["data"])
+                    watchdog.progress(int(record["rows"]))
+                    processed["parts"] += 1
+                    if processed["parts"] == 1:  # startup (actors, first batches) shows here
+                        processed["first_part_s"] = time.monotonic() - started
+                        processed["first_part_rows"] = int(record["rows"])
+                    for key in ("rows", "ok", "error", "instances"):
+                        processed[key] += int(record[key])
         processed["seconds"] = time.monotonic() - started
         return processed
 
@@ -279,31 +290,20 @@ class SegmentRun:
 
     # --- the Ray Data pipeline ------------------------------------------------------
     def resources(self, pending: int) -> Resources:
-        """Each stage's resources for ``pending`` images, from the options and the cluster."""
-        import ray
-
-        opts, total = self.opts, ray.cluster_resources()
-        gpus_total, cpus_total = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
-        gpus = opts.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if gpus_total > 0 else 0.0
-        cpus = opts.cpus_per_actor
-        if cpus is None:
-            cpus = 1.0 if gpus > 0 else float(max(1, cpus_total // 2))
-        actors = opts.actors
-        if actors is None:
-            actors = (1, max(1, int(gpus_total // gpus))) if gpus > 0 else (1, 1)
-        if actors[0] < 1 or actors[1] < actors[0]:
-            raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {actors}")
-        if gpus * actors[0] > gpus_total:
-            # Not an error: an autoscaling cluster adds GPU nodes when Ray asks for them.
-            self.log(
-                f"segment: waiting for {gpus * actors[0]:g} GPUs for {actors[0]} model actors; "
-                f"the cluster has {gpus_total} now"
+        """Each stage's resources for ``pending`` images, from the options and each node's
+        shape (pipeline.segment.resources); raises InfeasibleError before any work when the
+        nodes cannot run them (a warning instead on a cluster that may add nodes)."""
+        opts, shapes = self.opts, node_shapes()
+        if opts.actors is not None and (opts.actors[0] < 1 or opts.actors[1] < opts.actors[0]):
+            raise ValueError(
+                f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {opts.actors}"
             )
+        plan = actor_plan(opts.gpus_per_actor, opts.cpus_per_actor, opts.actors, shapes)
+        check_plan(plan, shapes, launching(opts.autoscaling), self.log)
         # Enough input blocks for every CPU to decode, small enough to stream.
+        cpus_total = max(1, int(sum(s.cpus for s in shapes)))
         per_block = max(1, min(256, math.ceil(pending / (4 * cpus_total))))
-        return Resources(gpus, cpus, actors, per_block)
+        return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
 
     def dataset(self, pending: list[str]) -> Any:
         """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
@@ -450,15 +450,6 @@ def _new_spec(model: Any, source: ModelSource, input_uri: str, opts: SegmentOpti
         },
         "started": now_iso(),
     }
-
-
-def _init_ray(address: str | None) -> None:
-    """Start Ray unless it runs already: None is RAY_ADDRESS when set (under `ray job
-    submit`), else a local instance."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, configure_logging=False)
 
 
 def _sources(uris: list[str]) -> dict[str, str]:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from pipeline import storage
+from pipeline.cluster import init_ray
 from pipeline.train.checkpoint import export_model
 from pipeline.train.options import (
     TrainOptions,
@@ -33,6 +35,7 @@ from pipeline.train.options import (
 from pipeline.train.spec import TrainSpec
 
 EXPORT_NAME = "model.safetensors"
+WAIT_INTERVAL_S = 60.0  # between "waiting for resources" lines while workers wait
 
 
 def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -51,8 +54,16 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
         f"{len(data.class_names) - 1} classes, {opts.workers} worker(s) x {opts.batch_size} "
         f"images, {spec.iterations} iterations, lr {spec.lr:g}" + (", amp" if opts.amp else "")
     )
-    trainer = _trainer(opts, spec)
-    result, seconds = _fit(trainer, opts.max_failures)
+    trainer = _trainer(opts, spec, log)
+    stop = threading.Event()
+    watch = threading.Thread(
+        target=_placement_watch, args=(opts, log, stop, WAIT_INTERVAL_S), daemon=True
+    )
+    watch.start()
+    try:
+        result, seconds = _fit(trainer, opts.max_failures)
+    finally:
+        stop.set()
     model_uri = storage.join(spec.storage, EXPORT_NAME)
     state = export_model(result.checkpoint, model_uri, uri_options(opts.storage, opts))
     log(
@@ -113,28 +124,49 @@ def ray_storage(uri: str, options: dict[str, Any]) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def _init_ray(opts: TrainOptions) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = opts.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, configure_logging=False)
-        return
+def _init_ray(opts: TrainOptions, log: Callable[[str], None]) -> None:
     # A local instance: enough logical CPUs for the workers and the Train controller
     # even on a 2-core machine (workers take 1 CPU each by default).
     needed = math.ceil(opts.workers * opts.cpus_per_worker) + 1
     # The dashboard stays on: Ray Train's placement-group cleaner asks the state API.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), configure_logging=False)
+    init_ray(opts.address, log, "train", num_cpus=max(os.cpu_count() or 1, needed))
 
 
-def _trainer(opts: TrainOptions, spec: TrainSpec) -> Any:
+def _placement_watch(
+    opts: TrainOptions, log: Callable[[str], None], stop: threading.Event, interval: float
+) -> None:
+    """Every ``interval`` s while ``stop`` is unset and Ray holds demands it has not
+    placed: one line naming them, what a worker needs and what the nodes have."""
+    from pipeline import cluster
+
+    worker = f"{opts.cpus_per_worker:g} CPU" + (
+        f", {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker > 0 else ""
+    )
+    while not stop.wait(interval):
+        try:
+            pending = cluster.pending_demands()
+            if not pending:
+                continue
+            shapes = cluster.node_shapes()
+            fits = any(
+                s.cpus >= opts.cpus_per_worker and s.gpus >= opts.gpus_per_worker for s in shapes
+            )
+            log(
+                f"train: waiting for resources: {cluster.demands_text(pending)} pending; "
+                f"{opts.workers} worker(s) of {{{worker}}} each"
+                + ("" if fits else " (no node can host one)")
+                + f"; the cluster has {cluster.shapes_text(shapes)}, {cluster.resources_text()}"
+            )
+        except Exception as exc:  # noqa: BLE001 - a message, never a reason to stop
+            log(f"train: placement watch: {exc}")
+
+
+def _trainer(opts: TrainOptions, spec: TrainSpec, log: Callable[[str], None]) -> Any:
     """A TorchTrainer of the run on Ray (started here when not running)."""
     # Ray Train's print patch sends print() to a logger, which pycocotools'
     # redirected summaries would then reach; our log lines are plain prints.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    _init_ray(opts)
+    _init_ray(opts, log)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
