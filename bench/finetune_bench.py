@@ -54,13 +54,11 @@ def shapes(root: Path, classes: str, seed: int, args, log: Path) -> Path:
 
 def train(name: str, data: Path, iters: int, args, log: Path, *model: str) -> dict[str, Any]:
     """One `maskrcnn train` run of 2 workers; its summary (with the wall time)."""
-    start = time.perf_counter()
-    rc = cli("train", "--data", str(data / "train"), "--val-data", str(data / "val"), *model,
-             "--min-size", str(args.size), "--max-size", str(args.size),
-             "--workers", str(args.workers), "--batch-size", str(args.batch_size),
-             "--iters", str(iters), "--lr", str(args.lr), "--amp",
-             "--checkpoint-every", str(iters), "--keep-checkpoints", "1",
-             "--storage", str(args.run_dir), "--name", name, log=log)  # fmt: skip
+    for _attempt in range(3):  # a loaded machine can miss Ray's 30 s node start-up wait
+        start = time.perf_counter()
+        rc = _train_once(name, data, iters, args, log, *model)
+        if rc == 0 or "timed out during startup" not in log.read_text()[-2000:]:
+            break
     wall = time.perf_counter() - start
     last = sorted((Path(args.run_dir) / name).glob("checkpoint_0*"))
     out: dict[str, Any] = {"exit_code": rc, "wall_s": round(wall, 1), "iterations": iters}
@@ -69,6 +67,15 @@ def train(name: str, data: Path, iters: int, args, log: Path, *model: str) -> di
         out.update({k: round(m[k], 4) for k in ("segm_AP", "segm_AP50", "bbox_AP") if k in m})
         out["images_per_s"] = round(m["images_per_s"], 2)
     return out
+
+
+def _train_once(name: str, data: Path, iters: int, args, log: Path, *model: str) -> int:
+    return cli("train", "--data", str(data / "train"), "--val-data", str(data / "val"), *model,
+             "--min-size", str(args.size), "--max-size", str(args.size),
+             "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+             "--iters", str(iters), "--lr", str(args.lr), "--amp",
+             "--checkpoint-every", str(iters), "--keep-checkpoints", "1",
+             "--storage", str(args.run_dir), "--name", name, log=log)  # fmt: skip
 
 
 def class_ap(model: Any, val: Path, name: str) -> float:
