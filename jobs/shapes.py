@@ -10,7 +10,9 @@ import argparse
 
 from jobs.args import add_storage_arguments, storage_options_for
 
-HELP = "write a synthetic shapes dataset (squares, circles, triangles) in COCO format"
+HELP = "write a synthetic shapes dataset (squares, circles, triangles, ...) in COCO format"
+SHAPE_KINDS = ("square", "circle", "triangle", "star", "cross", "ellipse", "diamond", "hexagon")
+# (pipeline.formats.shapes.SHAPE_KINDS; spelled out so that --help imports nothing heavy)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-images", type=int, default=0, help="validation images under OUTPUT/val (default 0)"
     )
+    parser.add_argument(
+        "--classes",
+        metavar="NAME,...",
+        default="square,circle,triangle",
+        help=f"shapes drawn, category ids 1.. in this order, from {','.join(SHAPE_KINDS)}",
+    )
     add_storage_arguments(parser, anon=False)
 
 
@@ -32,14 +40,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Bad counts or size raise ValueError: the CLI prints one line and exits 2.
     options = storage_options_for(args, args.output)
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     summary = make_shapes_dataset(
-        args.output, args.images, args.size, args.seed, args.val_images, options
+        args.output, args.images, args.size, args.seed, args.val_images, options, classes
     )
     train = summary["train"]
-    line = (
-        f"shapes: wrote {train['images']} train images ({train['objects']} objects: "
-        f"{train['square']} squares, {train['circle']} circles, {train['triangle']} triangles)"
-    )
+    kinds = ", ".join(f"{train[c]} {c}{'es' if c.endswith(('s', 'x')) else 's'}" for c in classes)
+    line = f"shapes: wrote {train['images']} train images ({train['objects']} objects: {kinds})"
     if "val" in summary:
         line += f" + {summary['val']['images']} val images ({summary['val']['objects']} objects)"
     line += f" of {args.size}px, seed {args.seed}, to {storage.redact(args.output)}"

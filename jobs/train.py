@@ -25,6 +25,7 @@ AT_LEAST_0, AT_LEAST_1 = int_at_least(0), int_at_least(1)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p)
     _model_arguments(p)
+    _fine_tune_arguments(p)
     _scale_arguments(p)
     _schedule_arguments(p)
     _run_arguments(p)
@@ -44,7 +45,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    model = p.add_argument_group("model").add_mutually_exclusive_group(required=True)
+    model = p.add_argument_group("model (one of these, or --init)").add_mutually_exclusive_group()
     model.add_argument("--preset", help="r50-fpn, r50-fpn-v2, r101-fpn or tiny")
     model.add_argument(
         "--config", metavar="FILE", help='JSON/YAML of config fields, optionally with "preset"'
@@ -52,6 +53,32 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     sizes = p.add_argument_group("input size (default: the config's)")
     sizes.add_argument("--min-size", type=AT_LEAST_1, help="shorter side after resizing")
     sizes.add_argument("--max-size", type=AT_LEAST_1, help="cap on the longer side")
+
+
+def _fine_tune_arguments(p: argparse.ArgumentParser) -> None:
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument(
+        "--init",
+        metavar="URI",
+        help="start from these weights: our .safetensors, torchvision Mask R-CNN v1/v2 "
+        "(.pth/.safetensors) or a torchvision ResNet classification state dict",
+    )
+    tune.add_argument(
+        "--class-map",
+        metavar="OLD=NEW,...",
+        help="rename init classes before matching them to --data's by name (person=pedestrian)",
+    )
+    tune.add_argument(
+        "--trainable-layers",
+        choices=("heads", "5+", "4+", "3+", "2+", "all"),
+        help="what trains: heads (RPN, FPN, RoI heads), N+ (and ResNet stages N..5) or all "
+        "(default with --init: 3+; frozen layers get no gradient)",
+    )
+    tune.add_argument(
+        "--train-norms",
+        action="store_true",
+        help="keep BatchNorm layers training (default: frozen when fine-tuning)",
+    )
 
 
 def _scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,4 +169,6 @@ def run(args: argparse.Namespace) -> int:
                 f"segm AP50 {metrics['segm_AP50']:.3f}"
             )
         print(line)
+        if summary.get("curves"):
+            print(f"train: curves {summary['curves']}")
     return 0

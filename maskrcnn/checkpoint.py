@@ -71,16 +71,19 @@ def _redact(uri: str) -> str:
 
 
 # --- our format ---------------------------------------------------------------------
-def state_dict_bytes(model: MaskRCNN) -> bytes:
-    """The model as safetensors bytes with the config in the header metadata."""
+def state_dict_bytes(model: MaskRCNN, metadata: dict[str, str] | None = None) -> bytes:
+    """The model as safetensors bytes with the config in the header metadata, plus
+    ``metadata`` (string values, e.g. where fine-tuning started)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "config": model.cfg.to_json(), "model_id": model_id(model)}
+    meta = {**(metadata or {})}
+    meta.update(format=FORMAT, config=model.cfg.to_json(), model_id=model_id(model))
     return st_save(tensors, metadata=meta)
 
 
-def save(model: MaskRCNN, uri: str) -> None:
-    """Write ``model`` to one safetensors file at ``uri`` (local path or fsspec URI)."""
-    _write_bytes(uri, state_dict_bytes(model))
+def save(model: MaskRCNN, uri: str, metadata: dict[str, str] | None = None) -> None:
+    """Write ``model`` to one safetensors file at ``uri`` (local path or fsspec URI),
+    with extra header ``metadata`` (string values) beside the config."""
+    _write_bytes(uri, state_dict_bytes(model, metadata))
 
 
 def _load_pickle_weights_only(data: bytes, uri: str):

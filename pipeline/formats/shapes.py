@@ -1,4 +1,4 @@
-"""Synthetic shapes in COCO format: squares, circles and triangles with exact masks.
+"""Synthetic shapes in COCO format: squares, circles, triangles (and more kinds) with exact masks.
 
 In the style of matterport's shapes sample: a random background colour, 1-4
 shapes of random colour and size, each drawn over the ones before it. Masks
@@ -6,6 +6,10 @@ are the *visible* pixels of each shape. A shape left with too few visible
 pixels by the shapes drawn over it is not drawn at all (rather than drawn and
 left unlabelled), so every coloured pixel in an image belongs to exactly one
 annotation and every annotation's mask is exactly the pixels of its colour.
+
+The classes are chosen by name from SHAPE_KINDS (default: square, circle,
+triangle); category ids are 1.. in the order given. The default three give the
+same bytes as before there was a choice.
 
 Every image comes from its own random stream ``(seed, split, index)``, so the
 output is the same bytes for the same arguments, and the validation split
@@ -25,11 +29,29 @@ import numpy as np
 
 from pipeline import storage
 
-CATEGORIES: list[dict[str, Any]] = [
-    {"id": 1, "name": "square", "supercategory": "shape"},
-    {"id": 2, "name": "circle", "supercategory": "shape"},
-    {"id": 3, "name": "triangle", "supercategory": "shape"},
-]
+SHAPE_KINDS = ("square", "circle", "triangle", "star", "cross", "ellipse", "diamond", "hexagon")
+"""Every shape the generator draws."""
+DEFAULT_CLASSES = ("square", "circle", "triangle")
+
+
+def categories(classes: tuple[str, ...] = DEFAULT_CLASSES) -> list[dict[str, Any]]:
+    """The COCO categories of a class list: ids 1.. in order."""
+    return [{"id": i, "name": n, "supercategory": "shape"} for i, n in enumerate(classes, 1)]
+
+
+def check_classes(classes: tuple[str, ...]) -> tuple[str, ...]:
+    """``classes`` when they are distinct names of SHAPE_KINDS; ValueError naming the bad one."""
+    if not classes:
+        raise ValueError("--classes: give at least one shape")
+    for n in classes:
+        if n not in SHAPE_KINDS:
+            raise ValueError(f"--classes {n!r}: not a shape; choose from {', '.join(SHAPE_KINDS)}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"--classes {','.join(classes)}: a shape is named twice")
+    return tuple(classes)
+
+
+CATEGORIES: list[dict[str, Any]] = categories()
 SPLIT_STREAMS = {"train": 0, "val": 1}
 MIN_SIZE = 32  # below this the smallest shapes would be a few pixels wide
 # An occluded shape must keep this share of its own area visible (and at
@@ -48,7 +70,8 @@ class ShapesImage:
     """One generated image and its objects, bottom to top.
 
     image: uint8 [H, W, 3] RGB. masks: bool [K, H, W], the visible pixels of
-    each object. category_ids: int [K] (1 square, 2 circle, 3 triangle).
+    each object. category_ids: int [K], 1.. indexing the classes drawn from
+    (default 1 square, 2 circle, 3 triangle).
     colours: uint8 [K, 3], the fill colour of each object.
     """
 
@@ -65,24 +88,63 @@ def _distinct_colour(rng: np.random.Generator, taken: list[np.ndarray]) -> np.nd
             return colour
 
 
+def _polygon_mask(vertices: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """bool [H, W]: pixel centres inside the polygon ``vertices`` [V, 2] (x, y), even-odd rule."""
+    inside = np.zeros(np.broadcast_shapes(xs.shape, ys.shape), dtype=bool)
+    for (x1, y1), (x2, y2) in zip(vertices, np.roll(vertices, -1, axis=0)):
+        if y1 == y2:
+            continue
+        crosses = (ys > min(y1, y2)) & (ys <= max(y1, y2))
+        x_at = x1 + (ys - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (xs < x_at)
+    return inside
+
+
+def _regular(cx: float, cy: float, radii: list[float], turn: float = -np.pi / 2) -> np.ndarray:
+    """Vertices [V, 2] at ``radii`` around (cx, cy), evenly spaced, the first at ``turn``."""
+    angles = turn + 2 * np.pi * np.arange(len(radii)) / len(radii)
+    r = np.asarray(radii)
+    return np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
+
+
 def _shape_mask(
-    kind: int, cx: float, cy: float, s: float, xs: np.ndarray, ys: np.ndarray
+    kind: str, cx: float, cy: float, s: float, xs: np.ndarray, ys: np.ndarray
 ) -> np.ndarray:
     """bool [H, W]: pixels whose centre lies inside the shape (half-size ``s``)."""
-    if kind == 1:  # axis-aligned square, side 2s
+    if kind == "square":  # axis-aligned, side 2s
         return (np.abs(xs - cx) <= s) & (np.abs(ys - cy) <= s)
-    if kind == 2:  # circle, radius s
+    if kind == "circle":  # radius s
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= s * s
-    # Upright equilateral triangle of height 2s: apex (cx, cy - s), base at cy + s.
-    half_base = 2.0 * s / np.sqrt(3.0)
-    inside_base = ys <= cy + s
-    # Each slanted edge: |x - cx| grows linearly from 0 at the apex to half_base.
-    inside_sides = np.abs(xs - cx) * (2.0 * s) <= (ys - (cy - s)) * half_base
-    return inside_base & inside_sides
+    if kind == "triangle":
+        # Upright equilateral triangle of height 2s: apex (cx, cy - s), base at cy + s.
+        half_base = 2.0 * s / np.sqrt(3.0)
+        inside_base = ys <= cy + s
+        # Each slanted edge: |x - cx| grows linearly from 0 at the apex to half_base.
+        inside_sides = np.abs(xs - cx) * (2.0 * s) <= (ys - (cy - s)) * half_base
+        return inside_base & inside_sides
+    if kind == "cross":  # a plus sign: two bars 2s long and 2s/3 wide
+        return ((np.abs(xs - cx) <= s) & (np.abs(ys - cy) <= s / 3)) | (
+            (np.abs(xs - cx) <= s / 3) & (np.abs(ys - cy) <= s)
+        )
+    if kind == "ellipse":  # axes s (horizontal) and s/2
+        return ((xs - cx) / s) ** 2 + ((ys - cy) / (0.5 * s)) ** 2 <= 1.0
+    if kind == "diamond":  # a square on its corner, diagonal 2s
+        return np.abs(xs - cx) + np.abs(ys - cy) <= s
+    if kind == "star":  # five points, outer radius s, inner 0.45 s
+        return _polygon_mask(_regular(cx, cy, [s, 0.45 * s] * 5), xs, ys)
+    return _polygon_mask(_regular(cx, cy, [s] * 6, turn=0.0), xs, ys)  # hexagon
 
 
-def draw_shapes_image(rng: np.random.Generator, size: int) -> ShapesImage:
-    """One random image of ``size`` x ``size`` pixels with 1-4 shapes (numpy drawing)."""
+def _half_width(kind: str, s: float) -> float:
+    """Half the horizontal extent of a shape of half-size ``s``."""
+    return 2.0 * s / np.sqrt(3.0) if kind == "triangle" else s
+
+
+def draw_shapes_image(
+    rng: np.random.Generator, size: int, classes: tuple[str, ...] = DEFAULT_CLASSES
+) -> ShapesImage:
+    """One random image of ``size`` x ``size`` pixels with 1-4 shapes of ``classes``
+    (numpy drawing); category ids index ``classes`` from 1."""
     background = rng.integers(0, 256, size=3, dtype=np.int64)
     count = int(rng.integers(1, 5))
     centres = np.arange(size, dtype=np.float64) + 0.5  # pixel centres
@@ -91,17 +153,17 @@ def draw_shapes_image(rng: np.random.Generator, size: int) -> ShapesImage:
     taken = [background]
     kinds, colours, full_masks = [], [], []
     for _ in range(count):
-        kind = int(rng.integers(1, 4))
+        kind = int(rng.integers(1, len(classes) + 1))
         s = float(rng.uniform(0.08, 0.22) * size)
         # Half-width of the shape's extent (the triangle's base is wider than 2s).
-        half_w = s if kind != 3 else 2.0 * s / np.sqrt(3.0)
+        half_w = _half_width(classes[kind - 1], s)
         cx = float(rng.uniform(half_w, size - half_w))
         cy = float(rng.uniform(s, size - s))
         colour = _distinct_colour(rng, taken)
         taken.append(colour)
         kinds.append(kind)
         colours.append(colour)
-        full_masks.append(_shape_mask(kind, cx, cy, s, xs, ys))
+        full_masks.append(_shape_mask(classes[kind - 1], cx, cy, s, xs, ys))
 
     # Top-most owner of every pixel (-1: background); later shapes win.
     def owners(keep: list[int]) -> np.ndarray:
@@ -137,10 +199,16 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_STREAMS[split], index])
 
 
-def iter_shapes(count: int, size: int, seed: int, split: str = "train") -> Iterator[ShapesImage]:
+def iter_shapes(
+    count: int,
+    size: int,
+    seed: int,
+    split: str = "train",
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
+) -> Iterator[ShapesImage]:
     """The ``count`` images of ``split`` in order."""
     for index in range(count):
-        yield draw_shapes_image(image_rng(seed, split, index), size)
+        yield draw_shapes_image(image_rng(seed, split, index), size, classes)
 
 
 def png_bytes(image: Any, compress_level: int = 6) -> bytes:
@@ -188,6 +256,7 @@ def write_split(
     seed: int,
     options: dict[str, Any] | None = None,
     upload_batch: int = 128,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
 ) -> dict[str, int]:
     """Write ``OUTPUT/split/images/*.png`` and then ``OUTPUT/split/annotations.json``.
 
@@ -200,7 +269,7 @@ def write_split(
     fs.makedirs(images_path, exist_ok=True)
 
     images, annotations, pending = [], [], {}
-    for index, sample in enumerate(iter_shapes(count, size, seed, split)):
+    for index, sample in enumerate(iter_shapes(count, size, seed, split, classes)):
         image_id = index + 1
         file_name = f"images/{image_id:06d}.png"
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -216,14 +285,14 @@ def write_split(
         "info": {"description": f"maskrcnn shapes: split={split} seed={seed} size={size}"},
         "images": images,
         "annotations": annotations,
-        "categories": CATEGORIES,
+        "categories": categories(classes),
     }
     fs.pipe_file(
         split_path.rstrip("/") + "/annotations.json",
         json.dumps(coco, separators=(",", ":")).encode(),
     )
     counts = {"images": count, "objects": len(annotations)}
-    for cat in CATEGORIES:
+    for cat in categories(classes):
         counts[cat["name"]] = sum(a["category_id"] == cat["id"] for a in annotations)
     return counts
 
@@ -235,10 +304,12 @@ def make_shapes_dataset(
     seed: int = 0,
     val_images: int = 0,
     options: dict[str, Any] | None = None,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
 ) -> dict[str, Any]:
     """Write the train split (and the val split when ``val_images`` > 0) under ``output``.
 
-    Raises ValueError for counts below 1 (train) or 0 (val) and sizes below MIN_SIZE.
+    Raises ValueError for counts below 1 (train) or 0 (val), sizes below MIN_SIZE and
+    ``classes`` that are not distinct SHAPE_KINDS.
     Returns a summary: per-split counts and the seconds taken.
     """
     if images < 1:
@@ -247,9 +318,14 @@ def make_shapes_dataset(
         raise ValueError(f"--val-images must be 0 or more, got {val_images}")
     if size < MIN_SIZE:
         raise ValueError(f"--size must be at least {MIN_SIZE} pixels, got {size}")
+    classes = check_classes(tuple(classes))
     start = time.perf_counter()
-    summary: dict[str, Any] = {"train": write_split(output, "train", images, size, seed, options)}
+    summary: dict[str, Any] = {
+        "train": write_split(output, "train", images, size, seed, options, classes=classes)
+    }
     if val_images:
-        summary["val"] = write_split(output, "val", val_images, size, seed, options)
+        summary["val"] = write_split(
+            output, "val", val_images, size, seed, options, classes=classes
+        )
     summary["seconds"] = time.perf_counter() - start
     return summary

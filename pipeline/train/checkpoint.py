@@ -33,12 +33,18 @@ def save_checkpoint(
     scaler: Any,
     iteration: int,
     metrics: dict[str, Any],
+    init: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint directory (module doc) for ``model`` after ``iteration`` steps."""
+    """Write a checkpoint directory (module doc) for ``model`` after ``iteration`` steps.
+
+    ``init`` (a TrainSpec's --init record) goes into state.json and, as ``init``, into
+    the model file's metadata: where the weights started and which classes were kept.
+    """
     from maskrcnn.checkpoint import model_id, save
 
     os.makedirs(directory, exist_ok=True)
-    save(model, os.path.join(directory, MODEL_FILE))
+    origin = init_metadata(init)
+    save(model, os.path.join(directory, MODEL_FILE), {"init": json.dumps(origin)} if init else None)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -49,8 +55,18 @@ def save_checkpoint(
         os.path.join(directory, TRAIN_STATE_FILE),
     )
     state = {"iteration": iteration, "model_id": model_id(model), "metrics": metrics}
+    if init:
+        state["init"] = origin
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
+
+
+def init_metadata(init: dict[str, Any] | None) -> dict[str, Any]:
+    """The parts of an --init record worth keeping with the weights (URI redacted)."""
+    if not init:
+        return {}
+    keep = ("kind", "trainable_layers", "kept", "new")
+    return {"uri": storage.redact(init["uri"]), **{k: init[k] for k in keep if k in init}}
 
 
 def load_checkpoint(

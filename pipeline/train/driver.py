@@ -25,6 +25,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.cluster import init_ray
 from pipeline.train.checkpoint import export_model
+from pipeline.train.curves import write_curves
 from pipeline.train.options import (
     TrainOptions,
     absolute_paths,
@@ -48,7 +49,15 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     opts = absolute_paths(opts)
     data = _check_inputs(opts)
-    spec = plan_spec(opts, len(data), data.class_names)
+    init = None
+    if opts.init:
+        from pipeline.train.init import read_init
+
+        init = read_init(opts.init, uri_options(opts.init, opts))
+    spec = plan_spec(opts, len(data), data.class_names, init)
+    if spec.init:
+        log(f"train: --init {storage.redact(opts.init)}: found a {spec.init['kind']}")
+        log(f"train: classes: {spec.init['classes']}")
     log(
         f"train: {storage.redact(spec.storage)}: {len(data)} images, "
         f"{len(data.class_names) - 1} classes, {opts.workers} worker(s) x {opts.batch_size} "
@@ -70,6 +79,9 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
         f"train: finished at iteration {state['iteration']} in {seconds:.0f}s; "
         f"wrote {storage.redact(model_uri)}"
     )
+    curves = write_curves(spec.storage, spec.storage_options)
+    if curves:
+        log(f"train: wrote training curves {storage.redact(curves)}")
     return {
         "run": storage.redact(spec.storage),
         "model": storage.redact(model_uri),
@@ -79,6 +91,8 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
         "seconds": round(seconds, 1),
         "metrics": state.get("metrics", {}),
         "checkpoint": result.checkpoint.path,
+        "curves": storage.redact(curves) if curves else None,
+        "init": spec.init and {k: v for k, v in spec.init.items() if k != "pairs"},
     }
 
 
@@ -86,6 +100,8 @@ def _check_inputs(opts: TrainOptions) -> Any:
     """The --data CocoDataset, after checking the flags and --val-data against it."""
     if opts.preset and opts.config:
         raise ValueError("give --preset or --config, not both")
+    if not (opts.preset or opts.config or opts.init):
+        raise ValueError("give --preset, --config or --init (the architecture of the run)")
     data = _dataset("--data", opts.data, uri_options(opts.data, opts), train=True)
     if opts.val_data:
         val = _dataset("--val-data", opts.val_data, uri_options(opts.val_data, opts), train=False)

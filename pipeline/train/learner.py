@@ -32,6 +32,7 @@ class Learner:
     device: torch.device
     clip_grad: float
     ddp_model: Any = None  # the model in DDP, after wrap_ddp()
+    init: dict[str, Any] | None = None  # the spec's --init record (into checkpoint metadata)
 
     @classmethod
     def build(cls, spec: TrainSpec, device: torch.device) -> Learner:
@@ -47,12 +48,29 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
         amp = amp_mode(spec.amp, device)
         scaler = grad_scaler(amp, device)
-        return cls(model, params, optimizer, scheduler, scaler, amp, device, spec.clip_grad)
+        return cls(
+            model, params, optimizer, scheduler, scaler, amp, device, spec.clip_grad,
+            init=spec.init,
+        )  # fmt: skip
 
     @property
     def fast(self) -> bool:
         """Whether the model runs its bf16 fast path (training and evaluation alike)."""
         return fast_path(self.amp)
+
+    def start(
+        self, directory: str | None, init: dict[str, Any] | None, options: dict[str, Any]
+    ) -> int:
+        """The iteration to start at: a checkpoint directory's (restored; ``init`` is then
+        not re-applied: the run's own weights win), else 0 after loading ``init`` (a
+        TrainSpec's --init record, read with fsspec ``options``) when there is one."""
+        if directory is not None:
+            return self.restore(directory)
+        if init:
+            from pipeline.train.init import apply_init
+
+            apply_init(self.model, init, options)
+        return 0
 
     def restore(self, directory: str) -> int:
         """Load a checkpoint directory; returns its iteration."""
@@ -61,8 +79,9 @@ class Learner:
     def save(self, directory: str, iteration: int, metrics: dict[str, Any]) -> None:
         """Write a checkpoint directory of the state after ``iteration`` steps."""
         save_checkpoint(
-            directory, self.model, self.optimizer, self.scheduler, self.scaler, iteration, metrics
-        )
+            directory, self.model, self.optimizer, self.scheduler, self.scaler, iteration, metrics,
+            init=self.init,
+        )  # fmt: skip
 
     def wrap_ddp(self) -> None:
         """Set the model's layout, then wrap it in DDP (ray.train.torch.prepare_model)."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.formats.coco import CocoDataset
+from pipeline.train.curves import MetricsLog
 from pipeline.train.data import AugmentedShard, BatchPlan, LastGoodBatch, train_input_size
 from pipeline.train.evaluator import Evaluator
 from pipeline.train.learner import Learner
@@ -35,6 +36,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
+    metrics_log: MetricsLog | None = None  # rank 0: STORAGE/NAME/metrics.jsonl
 
 
 class Due(NamedTuple):
@@ -60,13 +62,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = TrainSpec(**config)
     worker = _set_up_process(spec)
     learner = Learner.build(spec, worker.device)
-    start, resumed = _restore(learner)
+    start, resumed = _restore(learner, spec)
     shard = CocoDataset(spec.data, storage_options=spec.data_options).shard(
         worker.rank, worker.world
     )
     write_worker_status(spec, worker.rank, worker.world, start, len(shard))
     if worker.rank == 0:
-        _announce(worker, start, resumed)
+        _announce(worker, start, resumed, spec)
+        worker.metrics_log = MetricsLog(spec.storage, spec.storage_options, start)
     if start >= spec.iterations:
         return
     learner.wrap_ddp()
@@ -107,23 +110,27 @@ def _set_up_process(spec: TrainSpec) -> Worker:
     return Worker(rank, world, device)
 
 
-def _restore(learner: Learner) -> tuple[int, bool]:
-    """(iteration to start at, whether it came from Ray Train's latest checkpoint)."""
+def _restore(learner: Learner, spec: TrainSpec) -> tuple[int, bool]:
+    """(iteration to start at, whether it came from Ray Train's latest checkpoint).
+
+    A run with a checkpoint of its own restores it and never re-applies --init.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, False
+        return learner.start(None, spec.init, spec.init_options), False
     with checkpoint.as_directory() as directory:
-        return learner.restore(directory), True
+        return learner.start(directory, spec.init, spec.init_options), True
 
 
-def _announce(worker: Worker, start: int, resumed: bool) -> None:
+def _announce(worker: Worker, start: int, resumed: bool, spec: TrainSpec) -> None:
     if resumed:
         print(f"train: resumed from the checkpoint of iteration {start}", flush=True)
     else:
         print(
-            f"train: {worker.world} worker(s) on {worker.device.type}, starting at iteration 0",
+            f"train: {worker.world} worker(s) on {worker.device.type}, starting at iteration 0"
+            + (" from --init" if spec.init else ""),
             flush=True,
         )
 
@@ -201,6 +208,8 @@ def _report(
     if due.evaluate and worker.rank == 0:
         metrics.update(evaluator(learner.model, fast=learner.fast))
         print("train: " + format_eval(step, metrics), flush=True)
+    if worker.metrics_log is not None:
+        worker.metrics_log.add(metrics)
     if due.checkpoint or due.evaluate:
         with_checkpoint = due.checkpoint and worker.rank == 0
         _ray_report(metrics, step, learner if with_checkpoint else None)

@@ -55,6 +55,10 @@ class TrainOptions:
     endpoint_url: str | None = None
     anon: bool | None = None
     address: str | None = None
+    init: str | None = None  # pretrained weights (pipeline.train.init)
+    class_map: str | None = None  # "old=new,...": init class names renamed before matching
+    trainable_layers: str | None = None  # maskrcnn.transfer.TRAINABLE_LAYERS (fine-tune: 3+)
+    train_norms: bool = False  # keep BatchNorm training in a fine-tune (default: frozen)
 
 
 def absolute_paths(opts: TrainOptions) -> TrainOptions:
@@ -71,6 +75,7 @@ def absolute_paths(opts: TrainOptions) -> TrainOptions:
         val_data=fix(opts.val_data),
         storage=fix(opts.storage),
         config=fix(opts.config),
+        init=fix(opts.init),
     )
 
 
@@ -86,7 +91,8 @@ def run_name(opts: TrainOptions) -> str:
 
 def default_name(opts: TrainOptions) -> str:
     """A run name from the preset/config and the data: the same command names the same run."""
-    what = opts.preset or os.path.splitext(os.path.basename(opts.config or "config"))[0]
+    source = opts.config or (opts.init and not opts.preset and opts.init.rstrip("/")) or "config"
+    what = opts.preset or os.path.splitext(os.path.basename(source))[0]
     data = [p for p in opts.data.split("://", 1)[-1].rstrip("/").split("/") if p]
     tail = "-".join(data[-2:]) if data else "data"
     if tail.endswith(".json"):
@@ -120,8 +126,9 @@ def _config_file(opts: TrainOptions, class_names: list[str]) -> tuple[str, dict[
     return preset, overrides
 
 
-def model_config(opts: TrainOptions, class_names: list[str]) -> dict[str, Any]:
-    """The MaskRCNNConfig dict for the run: preset or file, classes from the data, size flags."""
+def model_config(opts: TrainOptions, class_names: list[str], init: Any = None) -> dict[str, Any]:
+    """The MaskRCNNConfig dict for the run: preset or file (else the --init's architecture),
+    classes from the data, size flags, and what trains (:func:`_fine_tune_fields`)."""
     from maskrcnn import MaskRCNNConfig
 
     preset, overrides = opts.preset, {}
@@ -131,13 +138,51 @@ def model_config(opts: TrainOptions, class_names: list[str]) -> dict[str, Any]:
         overrides["min_size"] = opts.min_size
     if opts.max_size:
         overrides["max_size"] = opts.max_size
+    base: dict[str, Any] = {}
+    if init is not None and not (opts.preset or opts.config):
+        if init.config is None:
+            preset = _body_preset(opts, init)
+        else:
+            base = {k: v for k, v in init.config.items() if k not in ("num_classes", "class_names")}
     try:
-        cfg = MaskRCNNConfig.preset(
-            preset or "r50-fpn", num_classes=len(class_names), class_names=class_names, **overrides
-        )
+        if base:
+            cfg = MaskRCNNConfig.from_dict(
+                {**base, **overrides, "num_classes": len(class_names), "class_names": class_names}
+            )
+        else:
+            cfg = MaskRCNNConfig.preset(
+                preset or "r50-fpn", num_classes=len(class_names), class_names=class_names,
+                **overrides,
+            )  # fmt: skip
     except TypeError as exc:  # an unknown field in the file
         raise ValueError(f"--config: {exc}") from None
-    return cfg.to_dict()
+    return cfg.replace(**_fine_tune_fields(opts, cfg)).to_dict()
+
+
+def _body_preset(opts: TrainOptions, init: Any) -> str:
+    from pipeline.train.init import BODY_PRESETS
+
+    if init.backbone not in BODY_PRESETS:
+        raise ValueError(
+            f"--init {storage.redact(opts.init)}: a {init.backbone} body has no default "
+            "architecture; give --preset or --config"
+        )
+    return BODY_PRESETS[init.backbone]
+
+
+def _fine_tune_fields(opts: TrainOptions, cfg: Any) -> dict[str, Any]:
+    """trainable_layers from --trainable-layers (a fine-tune's default: 3+), and frozen
+    backbone norms whenever layers are frozen or weights are pretrained (unless
+    --train-norms), as torchvision's pretrained models have."""
+    from maskrcnn.transfer import trainable_layers
+
+    layers = opts.trainable_layers or ("3+" if opts.init else None)
+    if layers is None:
+        return {}
+    fields: dict[str, Any] = {"trainable_layers": trainable_layers(layers)}
+    if cfg.norm == "bn" and not opts.train_norms and (opts.init or layers != "all"):
+        fields["norm"] = "frozen_bn"
+    return fields
 
 
 def plan_iterations(opts: TrainOptions, data_size: int) -> int:
@@ -158,8 +203,43 @@ def plan_iterations(opts: TrainOptions, data_size: int) -> int:
     return n
 
 
-def plan_spec(opts: TrainOptions, data_size: int, class_names: list[str]) -> TrainSpec:
-    """The worker spec: iteration count, schedule and defaults resolved from the options."""
+def init_record(
+    opts: TrainOptions, init: Any, cfg: dict[str, Any], class_names: list[str]
+) -> dict[str, Any]:
+    """What the run takes from --init (JSON values): the URI, what it is, the class
+    mapping, what trains. Checks shapes against --preset/--config first."""
+    from pipeline.train.init import check_shapes, map_classes, parse_class_map
+
+    name = f"--init {storage.redact(opts.init)}"
+    if opts.preset or opts.config:
+        what = f"--preset {opts.preset}" if opts.preset else f"--config {opts.config}"
+        check_shapes(init, cfg, name, what)
+    renames = parse_class_map(opts.class_map)
+    record: dict[str, Any] = {
+        "uri": opts.init,
+        "kind": init.kind,
+        "trainable_layers": opts.trainable_layers or "3+",
+        "pairs": [],
+        "kept": {},
+        "new": class_names[1:],
+        "classes": "heads initialised fresh (a classification body has no detection classes)",
+    }
+    if init.config is None:
+        if renames:
+            raise ValueError(f"--class-map: {name} is a classification body, it has no classes")
+        return record
+    mapping = map_classes(init.class_names, class_names, renames, name)
+    record.update(pairs=mapping.pairs, kept=mapping.kept, new=mapping.new, classes=mapping.line())
+    return record
+
+
+def plan_spec(
+    opts: TrainOptions, data_size: int, class_names: list[str], init: Any = None
+) -> TrainSpec:
+    """The worker spec: iteration count, schedule and defaults resolved from the options
+    (``init``: the --init's pipeline.train.init.Init, read by the driver)."""
+    if opts.class_map and not opts.init:
+        raise ValueError("--class-map renames the classes of an --init; give --init too")
     n = plan_iterations(opts, data_size)
     if opts.checkpoint_every < 1 or opts.keep_checkpoints < 1:
         raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
@@ -169,10 +249,13 @@ def plan_spec(opts: TrainOptions, data_size: int, class_names: list[str]) -> Tra
     if loader_workers is None:
         loader_workers = 2 if opts.gpus_per_worker > 0 else 0
     run_uri = storage.join(opts.storage, run_name(opts))
+    cfg = model_config(opts, class_names, init)
     return TrainSpec(
         data=opts.data,
         val_data=opts.val_data,
-        model_config=model_config(opts, class_names),
+        model_config=cfg,
+        init=init_record(opts, init, cfg, class_names) if init is not None else None,
+        init_options=uri_options(opts.init, opts) if opts.init else {},
         iterations=n,
         batch_size=opts.batch_size,
         lr=lr,

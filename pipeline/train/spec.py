@@ -40,3 +40,5 @@ class TrainSpec:
     seed: int = 0
     loader_workers: int = 0
     cpus_per_worker: float = 1.0
+    init: dict[str, Any] | None = None  # --init: options.init_record (uri, kind, class pairs)
+    init_options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,108 @@
+"""Training curves: STORAGE/NAME/metrics.jsonl while the run goes, curves.png at its end.
+
+Rank 0 writes one JSON line per report (iteration, losses, lr, images_per_s, and the
+AP metrics at evaluations) next to the checkpoints. A resumed run keeps the lines
+up to the iteration it resumed from, so replayed iterations are not listed twice.
+The file is rewritten whole at each report (object stores cannot append; the file
+is small: one line per --log-every iterations).
+
+The PNG is drawn with Pillow (matplotlib is not a dependency): loss on the left
+axis, AP on the right, against iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pipeline import storage
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+def read_metrics(run_uri: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metric lines of a run ([] when it has none yet)."""
+    fs, path = storage.get_fs(storage.join(run_uri, METRICS_FILE), options)
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl of a run, continued from iteration ``start``."""
+
+    def __init__(self, run_uri: str, options: dict[str, Any], start: int) -> None:
+        self.uri, self.options = storage.join(run_uri, METRICS_FILE), options
+        self.lines = [m for m in read_metrics(run_uri, options) if m["iteration"] <= start]
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """Append one report's metrics (plain numbers) and rewrite the file."""
+        self.lines.append({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
+        text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.lines)
+        storage.atomic_write(self.uri, text.encode(), self.options)
+
+
+def write_curves(run_uri: str, options: dict[str, Any]) -> str | None:
+    """Draw STORAGE/NAME/curves.png from metrics.jsonl; its URI (None without metrics)."""
+    from pipeline.formats.shapes import png_bytes
+
+    lines = read_metrics(run_uri, options)
+    if not lines:
+        return None
+    uri = storage.join(run_uri, CURVES_FILE)
+    storage.atomic_write(uri, png_bytes(draw_curves(lines)), options)
+    return uri
+
+
+LOSS_COLOUR, AP_COLOURS = (31, 119, 180), {"bbox_AP": (214, 39, 40), "segm_AP": (44, 160, 44)}
+
+
+def _series(lines: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(m["iteration"], float(m[key])) for m in lines if key in m and math.isfinite(m[key])]
+
+
+def draw_curves(lines: list[dict[str, Any]], size: tuple[int, int] = (800, 450)) -> Any:
+    """A PIL image: total loss (left axis) and bbox/segm AP (right axis, 0..1) vs iteration."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 60, 30, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    loss = _series(lines, "loss")
+    its = [m["iteration"] for m in lines] or [0]
+    x0, x1 = min(its), max(max(its), min(its) + 1)
+    loss_max = max([v for _, v in loss] or [1.0]) * 1.05 or 1.0
+
+    def xy(it: float, v: float, vmax: float) -> tuple[float, float]:
+        return (
+            left + (it - x0) / (x1 - x0) * (w - left - right),
+            h - bottom - v / vmax * (h - top - bottom),
+        )
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):  # ticks: iterations below, loss left, AP right
+        f = i / 4
+        x, y = left + f * (w - left - right), h - bottom - f * (h - top - bottom)
+        draw.text((x - 10, h - bottom + 5), f"{x0 + f * (x1 - x0):.0f}", fill="black")
+        draw.text((5, y - 5), f"{f * loss_max:.2f}", fill=LOSS_COLOUR)
+        draw.text((w - right + 5, y - 5), f"{f:.2f}", fill="black")
+    draw.text((w // 2 - 30, h - 18), "iteration", fill="black")
+    legend = [("loss", LOSS_COLOUR)]
+    if len(loss) > 1:
+        draw.line([xy(i, v, loss_max) for i, v in loss], fill=LOSS_COLOUR, width=2)
+    for key, colour in AP_COLOURS.items():
+        points = [xy(i, v, 1.0) for i, v in _series(lines, key)]
+        if points:
+            legend.append((key.replace("_", " "), colour))
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for k, (label, colour) in enumerate(legend):
+        draw.text((left + 10 + 90 * k, 10), label, fill=colour)
+    return image
