@@ -812,3 +812,12 @@ def test_multiscale_roi_align_inference_equals_training_path():
     levels = assign_levels(boxes, 224, 4, 2, 5)
     assert len(levels.unique()) == 4  # every level is read
     torch.testing.assert_close(gathered, trained.detach(), rtol=1e-5, atol=2e-6)
+
+
+def test_off_cpu_batches_are_the_images_of_one_padded_shape(tiny_cfg):
+    # The grouping accelerators get (a meta-device model stands in for one here): each
+    # image is padded in its batch exactly as alone.
+    model = MaskRCNN(tiny_cfg).to("meta")
+    sizes = [(128, 170), (170, 128), (128, 128), (128, 167), (107, 224), (184, 128)]
+    assert model._padding_groups(sizes) == [[0, 3], [1, 5], [2], [4]]
+    assert MaskRCNN(tiny_cfg)._padding_groups(sizes) == [[i] for i in range(6)]  # CPU
