@@ -4,13 +4,24 @@ Same batch of 4 images of about 800x1067, both producing full-resolution
 masks. Figures are ratios of medians over interleaved repeats in one
 process. Writes bench/results/model.json.
 
+"mixed": how a batch of mixed orientations and sizes (portrait, landscape,
+square; the COCO-like sizes above and their transposes) is run through the
+model, in fp32 and fast mode: padded to its largest image (torchvision's way,
+and ours before), in groups of one padded shape, or one image at a time;
+images/s of each, and whether each image's detections are bit-identical to
+those it gets alone (the contract). ``--mixed-only`` runs just that part and
+keeps the file's other keys.
+
     .venv/bin/python bench/model_bench.py [--repeats 5] [--batch 4] [--device cpu|cuda]
+        [--mixed-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    RESULTS,
     interleaved,
     match_detections,
     median,
@@ -25,7 +37,87 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 from maskrcnn.checkpoint import from_torchvision  # noqa: E402
+from maskrcnn.transforms import padded_size, resize_to_model  # noqa: E402
+
+MIXED_SIZES = [(800, 1067), (1067, 800), (800, 800), (768, 1024), (1024, 768), (720, 1080)]
+
+
+def batching_policies(model) -> dict:
+    """How predict may split a batch (replacements for MaskRCNN._padding_groups)."""
+
+    def by_padded_shape(sizes):
+        groups: dict = {}
+        for i, (h, w) in enumerate(sizes):
+            groups.setdefault(padded_size(h, w, model.cfg.size_divisible), []).append(i)
+        return list(groups.values())
+
+    return {
+        "pad_to_largest": lambda sizes: [list(range(len(sizes)))],
+        "padded_shape_groups": by_padded_shape,
+        "one_at_a_time": lambda sizes: [[i] for i in range(len(sizes))],
+    }
+
+
+def same_detections(a: list[dict], b: list[dict]) -> bool:
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def bench_mixed(ours, repeats: int, device: torch.device, sync) -> dict:
+    """images/s of each batching policy on a mixed batch, and whether it keeps the contract."""
+    images = [im.to(device) for im in smooth_images(MIXED_SIZES)]
+    shipped = ours._padding_groups
+    policies = batching_policies(ours)
+    alone = {fast: [ours.predict([im], fast=fast)[0] for im in images] for fast in (False, True)}
+    fns, contract = {}, {}
+    for name, groups in policies.items():
+        for fast in (False, True):
+            key = f"{name}_{'fast' if fast else 'fp32'}"
+
+            def run(groups=groups, fast=fast):
+                ours._padding_groups = groups
+                try:
+                    return ours.predict(images, fast=fast)
+                finally:
+                    ours._padding_groups = shipped
+
+            contract[key] = same_detections(run(), alone[fast])  # also the warm-up
+            fns[key] = run
+    times = interleaved(fns, repeats, sync)
+    ips = {k: len(images) / median(v) for k, v in times.items()}
+    resized = [tuple(resize_to_model(im.float() / 255, ours.cfg).shape[-2:]) for im in images]
+    return {
+        "image_sizes": [list(s) for s in MIXED_SIZES],
+        "padded_shapes": len({padded_size(h, w, ours.cfg.size_divisible) for h, w in resized}),
+        "repeats": repeats,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "threads": torch.get_num_threads(),
+        "images_per_s": ips,
+        "equals_alone_bitwise": contract,
+        "shipped_on_this_device": "one_at_a_time"
+        if device.type == "cpu"
+        else "padded_shape_groups",
+        "ratio_vs_pad_to_largest": {
+            k: ips[k] / ips[f"pad_to_largest_{k.rsplit('_', 1)[1]}"] for k in ips
+        },
+    }
+
+
 from tests.helpers.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
+
+
+def mixed_only_preset(args) -> None:
+    """The mixed part on a randomly initialised model of another preset (quick to run)."""
+    from maskrcnn import MaskRCNN, MaskRCNNConfig
+
+    dev = torch.device(args.device)
+    torch.manual_seed(1)
+    ours = MaskRCNN(MaskRCNNConfig.preset(args.mixed_preset, num_classes=4)).eval().to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    mixed = {"preset": args.mixed_preset, **bench_mixed(ours, args.repeats, dev, sync)}
+    print(json.dumps(mixed, indent=2), flush=True)
+    name = "model" if dev.type == "cpu" else "model_gpu"
+    previous = json.loads((RESULTS / f"{name}.json").read_text())
+    print(f"wrote {write_result(name, {**previous, f'mixed_{args.mixed_preset}': mixed})}")
 
 
 def main() -> None:
@@ -33,7 +125,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mixed-only", action="store_true", help="only the mixed-batch part")
+    ap.add_argument(
+        "--mixed-preset",
+        default="r50-fpn",
+        help="with --mixed-only: the model (tiny: random weights; it resizes to 128..224 px)",
+    )
     args = ap.parse_args()
+    if args.mixed_only and args.mixed_preset != "r50-fpn":
+        return mixed_only_preset(args)
     dev = torch.device(args.device)
 
     sizes = [(800, 1067), (768, 1024), (800, 1000), (720, 1080)]
@@ -44,6 +144,13 @@ def main() -> None:
     images = [im.to(dev) for im in images]
     floats = [im.float() / 255 for im in images]
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    name = "model" if dev.type == "cpu" else "model_gpu"
+    previous = json.loads((RESULTS / f"{name}.json").read_text()) if args.mixed_only else {}
+    mixed = bench_mixed(ours, args.repeats, dev, sync)
+    print(json.dumps(mixed, indent=2), flush=True)
+    if args.mixed_only:
+        print(f"wrote {write_result(name, {**previous, 'mixed': mixed})}")
+        return
 
     def run_tv():
         with torch.inference_mode():
@@ -103,7 +210,15 @@ def main() -> None:
         "fast_vs_fp32_each_criterion": fast_criteria,
         "targets": {"fp32": 1.3, "fast": 3.0, "fast_match": 0.97},
     }
-    path = write_result("model" if dev.type == "cpu" else "model_gpu", result)
+    kept = (
+        json.loads((RESULTS / f"{name}.json").read_text())
+        if (RESULTS / f"{name}.json").is_file()
+        else {}
+    )
+    result["mixed"] = mixed
+    if "fast_mode_ap" in kept:  # bench/fast_ap_bench.py's section
+        result["fast_mode_ap"] = kept["fast_mode_ap"]
+    path = write_result(name, result)
     print(f"{'variant':<20}{'s/batch':>10}{'img/s':>10}")
     for k in med:
         print(f"{k:<20}{med[k]:>10.3f}{ips[k]:>10.2f}")

@@ -93,16 +93,25 @@ class MaskRCNN(nn.Module):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return self.backbone(batch)
 
-    def _padding_groups(self, sizes: list[tuple[int, int]], fast: bool) -> list[list[int]]:
-        """Indices of the images batched together.
+    def _padding_groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """Indices of the images run through the model together.
 
-        fp32 pads the whole batch to its largest image, as torchvision does, so
-        results match it. Fast mode on CPU batches only images of the same padded
-        shape: a CPU pays for padding in full (12% more pixels when 4:3 and 3:2
-        images share a batch), and batching gains it nothing.
+        An image padded to a batch-mate's larger shape gets other features near
+        its border and more anchors, so other detections: images are batched
+        only with images of their own padded shape, padded exactly as alone. On
+        CPU each image runs alone: oneDNN picks its convolution kernels by batch
+        size, and a batch of two rounds the last bits of small feature maps
+        differently from one image; a CPU gains little from batching anyway
+        (bench/model_bench.py measures the three ways).
+
+        Args:
+            sizes (list[tuple[int, int]]): (h, w) of each resized image.
+
+        Returns:
+            list[list[int]]: groups of indices into ``sizes``, in first-seen order.
         """
-        if not fast or self.device.type != "cpu":
-            return [list(range(len(sizes)))]
+        if self.device.type == "cpu":
+            return [[i] for i in range(len(sizes))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (h, w) in enumerate(sizes):
             groups.setdefault(padded_size(h, w, self.cfg.size_divisible), []).append(i)
@@ -181,9 +190,9 @@ class MaskRCNN(nn.Module):
                 float (0..1) RGB images of any sizes; with ``original_sizes``, float32
                 resize_to_model() outputs instead.
             fast (bool): bf16 autocast for the convolutions and fc6 (RoIAlign, NMS, box
-                decoding and the box predictor stay fp32), channels-last inputs, and on
-                CPU images of different padded shapes run as separate batches. Scores
-                move by ~1e-3..1e-2. Fastest on a channels-last model (the default).
+                decoding and the box predictor stay fp32) and channels-last inputs. Scores
+                move by ~1e-3..1e-2 (COCO AP: bench/fast_ap_bench.py). Fastest on a
+                channels-last model (the default).
             score_threshold (float, optional): class probability a detection must pass
                 (default cfg.box_score_thresh).
             max_detections (int, optional): most detections per image (default
@@ -234,7 +243,7 @@ class MaskRCNN(nn.Module):
         """RoIHeads.detect's detections (resized-image pixels) for every input, batched
         by _padding_groups."""
         dets: list[dict[str, Tensor]] = [{} for _ in resized]
-        for group in self._padding_groups(sizes, fast):
+        for group in self._padding_groups(sizes):
             batch, group_sizes = batch_images([resized[i] for i in group], self.cfg.size_divisible)
             with self._autocast(fast):
                 feats = self._features(batch, fast)

@@ -73,7 +73,7 @@ def free_cached_runs():
 
 
 def parity_images() -> list[Tensor]:
-    """Two uint8 images of different sizes and orientations."""
+    """Two uint8 images of different sizes (and padded shapes: 256x352, 256x384)."""
     return smooth_images([(240, 320), (200, 300)], seed=7)
 
 
@@ -125,8 +125,8 @@ class ParityRun:
     case: Case
     tv_state: dict[str, Tensor]
     images: list[Tensor]
-    reference: list[dict[str, Tensor]]  # torchvision's detections
-    ours: list[dict[str, Tensor]]  # our predict() on the converted weights
+    reference: list[dict[str, Tensor]]  # torchvision's detections, each image alone
+    ours: list[dict[str, Tensor]]  # our predict() of the batch on the converted weights
 
 
 @functools.cache
@@ -135,8 +135,10 @@ def parity_run(case: Case) -> ParityRun:
     tv = torchvision_model(case)
     tv.load_state_dict(state)
     images = parity_images()
+    # torchvision on each image alone (it pads a batch to its largest image), against our
+    # predict() on the batch: parity per image, whatever the batch.
     with torch.no_grad():
-        reference = tv([im.float() / 255 for im in images])
+        reference = [tv([im.float() / 255])[0] for im in images]
     del tv
     ours = converted(state, case).predict(images)
     return ParityRun(case, state, images, reference, ours)

@@ -32,7 +32,7 @@ from maskrcnn.masks import mask_targets, paste_masks
 from maskrcnn.poolers import assign_levels, multiscale_roi_align, roi_align_gathered
 from maskrcnn.roi_heads import RoIHeads
 from maskrcnn.rpn import RPN, flatten_level
-from maskrcnn.transforms import resize_to_model
+from maskrcnn.transforms import padded_size, resize_to_model
 
 STRIDES = (4, 8, 16, 32, 64)
 
@@ -628,12 +628,35 @@ def test_fast_mode_keeps_the_contract(random_tiny_model, contract_images, tiny_c
     out = model.predict(contract_images, fast=True)
     check_contract(out, contract_images, tiny_cfg.num_classes)
     assert all(len(d["boxes"]) > 0 for d in out)
-    # On CPU, fast mode pads images of different shapes apart: each image's result is
-    # the one it gets alone, with no padding from its neighbour.
-    shapes = [resize_to_model(im, tiny_cfg).shape for im in contract_images]
-    assert shapes[0] != shapes[1]
-    alone = [model.predict([im], fast=True)[0] for im in contract_images]
-    assert_same_detections(out, alone)
+
+
+# Portrait, landscape and square, and two sizes (120x160 and 122x160) that resize to
+# different shapes sharing one padded shape: four padded shapes among six images.
+MIXED_SIZES = [(120, 160), (160, 120), (128, 128), (122, 160), (96, 200), (130, 90)]
+
+
+@pytest.fixture(scope="module")
+def mixed_images() -> list[Tensor]:
+    return smooth_noise_images(MIXED_SIZES, seed=5)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32", "fast"])
+def test_an_image_gets_the_detections_it_gets_alone_whatever_its_batch(
+    random_tiny_model, mixed_images, tiny_cfg, fast
+):
+    model = random_tiny_model
+    resized = [tuple(resize_to_model(im, tiny_cfg).shape[-2:]) for im in mixed_images]
+    padded = {padded_size(h, w, tiny_cfg.size_divisible) for h, w in resized}
+    assert len(set(resized)) == 6 and len(padded) == 4  # mixed, and shapes share a pad
+    alone = [model.predict([im], fast=fast)[0] for im in mixed_images]
+    assert all(len(d["boxes"]) > 0 for d in alone)
+    # Bit-identical on CPU in both modes: in the given order, reversed, and as a pair of
+    # two orientations. (Padding to the largest image fails it, and so does batching
+    # images of one padded shape in fp32: oneDNN rounds a batch of two differently.)
+    assert_same_detections(model.predict(mixed_images, fast=fast), alone)
+    assert_same_detections(model.predict(mixed_images[::-1], fast=fast), alone[::-1])
+    pair = [mixed_images[1], mixed_images[0]]
+    assert_same_detections(model.predict(pair, fast=fast), [alone[1], alone[0]])
 
 
 def test_layout_is_set_when_built_and_fast_mode_lays_out_only_its_inputs(
@@ -789,3 +812,12 @@ def test_multiscale_roi_align_inference_equals_training_path():
     levels = assign_levels(boxes, 224, 4, 2, 5)
     assert len(levels.unique()) == 4  # every level is read
     torch.testing.assert_close(gathered, trained.detach(), rtol=1e-5, atol=2e-6)
+
+
+def test_off_cpu_batches_are_the_images_of_one_padded_shape(tiny_cfg):
+    # The grouping accelerators get (a meta-device model stands in for one here): each
+    # image is padded in its batch exactly as alone.
+    model = MaskRCNN(tiny_cfg).to("meta")
+    sizes = [(128, 170), (170, 128), (128, 128), (128, 167), (107, 224), (184, 128)]
+    assert model._padding_groups(sizes) == [[0, 3], [1, 5], [2], [4]]
+    assert MaskRCNN(tiny_cfg)._padding_groups(sizes) == [[i] for i in range(6)]  # CPU

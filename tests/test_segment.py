@@ -255,6 +255,11 @@ def test_model_actor_killed_mid_run_still_exactly_once(
     assert set(table.column("status").to_pylist()) == {"ok"}
 
 
+def rows_by_uri(table) -> dict[str, dict]:
+    """uri -> the rest of its row (every column, instances included)."""
+    return dict(zip(table.column("uri").to_pylist(), table.drop_columns(["uri"]).to_pylist()))
+
+
 def _cli(args: list[str], log: Path) -> subprocess.Popen:
     return maskrcnn_process(
         ["segment", *args], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT
@@ -322,6 +327,20 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
     assert_exactly_once(table, uris)
     assert set(committed) <= set(manifest["files"])  # parts from before the kill were kept
     assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
+
+    # The resumed rows equal a clean run's, though the images (64..128 px, every aspect)
+    # were batched with other neighbours: a row depends on its image only.
+    clean_out = tmp_path / "clean"
+    clean = _cli([str(tmp_path / "in"), str(clean_out), *args[2:]], tmp_path / "clean.log")
+    try:
+        clean.wait(timeout=300)
+    finally:
+        kill_group(clean)
+    assert clean.returncode == 0, (tmp_path / "clean.log").read_text()[-3000:]
+    clean_table, _ = read_back(str(clean_out))
+    sizes = set(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
+    assert len(sizes) > 12  # mixed sizes, not one
+    assert rows_by_uri(table) == rows_by_uri(clean_table)
 
 
 def test_cli_errors_are_one_line(tmp_path, models, capsys):
