@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="bf16 autocast and channels-last (CPU and GPU); scores move by ~1e-3..1e-2",
+        help="bf16 autocast (fp16 on GPUs before Ampere) and channels-last; scores move by ~1e-3..1e-2",
     )
     p.add_argument(
         "--tf32",
