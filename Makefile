@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench install clean
+.PHONY: test test-gpu gpu-check lint demo bench install clean
 
 # Install only when pyproject.toml or constraints.txt changed since the last install.
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +21,17 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The CUDA tests (tests/gpu, marker gpu), which `make test` never collects. They need an
+# NVIDIA GPU; GPU_TEST_DEVICE=cpu runs them on CPU. PY_GPU: a Python with torch and
+# torchvision already there (a GPU machine's own), instead of this venv.
+PY_GPU ?= $(PY)
+test-gpu:
+	PYTHONPATH=$(CURDIR) $(PY_GPU) -m pytest -m gpu tests/gpu -p no:cacheprovider $(PYTEST_ARGS)
+
+# Every GPU figure in one run of at most 8 minutes: bench/results/<device>-gpu.json.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY_GPU) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/maskrcnn demo $(DEMO_ARGS)

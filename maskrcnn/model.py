@@ -118,9 +118,10 @@ class MaskRCNN(nn.Module):
         return list(groups.values())
 
     def _autocast(self, fast: bool):
+        """Fast mode's autocast: bf16, or fp16 on a CUDA GPU without bf16 (before Ampere)."""
         if not fast:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=fast_dtype(self.device))
 
     # --- training -------------------------------------------------------------------
     def forward(
@@ -277,6 +278,14 @@ class MaskRCNN(nn.Module):
         else:
             item["mask_probs"] = det["mask_probs"]
         return item
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of fast mode on ``device``: bf16, except fp16 on CUDA GPUs that
+    lack bf16 (compute capability below 8.0), where bf16 is emulated and slow."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
 
 
 def check_target(t: dict[str, Tensor], index: int, size, num_classes: int) -> None:

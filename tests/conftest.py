@@ -90,3 +90,11 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/gpu is collected only when the marker is asked for (`make test-gpu`: -m gpu):
+    `make test` and CI never collect it, so a machine without a GPU neither runs nor skips it."""
+    if collection_path == Path(__file__).parent / "gpu":
+        return True if "gpu" not in (config.getoption("markexpr") or "") else None
+    return None

@@ -65,7 +65,7 @@ DECODE_CPUS, ENCODE_CPUS, PART_CPUS = 0.5, 0.5, 0.25
 
 @dataclass
 class SegmentOptions:
-    """How to run. Only score_threshold, max_detections and fast change the rows."""
+    """How to run. Only score_threshold, max_detections, fast and tf32 change the rows."""
 
     batch_size: int = 4
     actors: tuple[int, int] | None = None  # (min, max); default from the cluster
@@ -74,9 +74,10 @@ class SegmentOptions:
     score_threshold: float | None = None
     max_detections: int | None = None
     fast: bool = False
+    tf32: bool = False  # TF32 for fp32 on CUDA (Ampere+); stages.set_tf32
     overwrite: bool = False
     rows_per_part: int = 500  # images per Parquet file: also what a killed run can lose
-    resize_on_cpu: bool = True
+    resize_on_cpu: bool = True  # GPU actors still get uint8 where that is fewer bytes
     ray_address: str | None = None  # when Ray is not initialised yet; None: RAY_ADDRESS or local
     input_options: dict[str, Any] | None = None
     output_options: dict[str, Any] | None = None
@@ -323,6 +324,8 @@ class SegmentRun:
                 fn_kwargs={
                     "storage_options": opts.input_options,
                     "cfg": cfg if opts.resize_on_cpu else None,
+                    # GPU actors resize on the device what ships smaller as uint8.
+                    "resize": "smaller" if res.gpus_per_actor > 0 else "always",
                 },
                 num_cpus=res.decode_cpus,
                 # Room for one large image; being unlike the actor's resources, this also
@@ -339,10 +342,10 @@ class SegmentRun:
                 num_cpus=res.cpus_per_actor,
                 fn_constructor_args=([model_ref],),
                 fn_constructor_kwargs={
-                    "resized_on_cpu": opts.resize_on_cpu,
                     "score_threshold": opts.score_threshold,
                     "max_detections": opts.max_detections,
                     "fast": opts.fast,
+                    "tf32": opts.tf32,
                     "threads": int(res.cpus_per_actor),
                 },
             )
@@ -447,6 +450,7 @@ def _new_spec(model: Any, source: ModelSource, input_uri: str, opts: SegmentOpti
             "score_threshold": opts.score_threshold,
             "max_detections": opts.max_detections,
             "fast": bool(opts.fast),
+            **({"tf32": True} if opts.tf32 else {}),
         },
         "started": now_iso(),
     }

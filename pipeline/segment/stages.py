@@ -7,8 +7,8 @@ stage because of one image, so one bad file never fails a job.
 Columns between stages (one row per image):
 
 * after :func:`read_and_decode`: uri, status, error, width, height (after EXIF
-  orientation), image (float32 [3, h, w] bytes, the model-sized image, or
-  uint8 [3, H, W] bytes when not resized on CPU), image_h, image_w;
+  orientation), image (float32 [3, h, w] bytes, the model-sized image, when
+  ``resized``; else the decoded uint8 [3, h, w] bytes), image_h, image_w, resized;
 * after :class:`Segmenter`: uri, status, error, width, height, n, boxes
   (float32 [n, 4] bytes, xyxy in original pixels), scores (float32 [n]),
   labels (int64 [n]), mask_probs (float32 [n, M, M]);
@@ -77,11 +77,22 @@ def read_bytes(uri: str, options: dict[str, Any] | None) -> bytes:
 
 
 def read_and_decode(
-    batch: pa.Table, *, storage_options: dict[str, Any] | None, cfg: Any | None
+    batch: pa.Table,
+    *,
+    storage_options: dict[str, Any] | None,
+    cfg: Any | None,
+    resize: str = "always",
 ) -> pa.Table:
-    """uri -> decoded (and, with ``cfg``, model-resized) images. See the module doc."""
-    import torch
+    """uri -> decoded images, shrunk for the model when huge (with ``cfg``). See the module doc.
 
+    ``resize`` (with ``cfg``): "always" resizes every image to the model's float32
+    input here (CPU model actors: the work leaves the actor); "smaller" only those
+    whose float32 input is fewer bytes than their decoded uint8 pixels (GPU actors,
+    which normalise and resize the rest on the device: what the object store carries
+    per image is the smaller of the two).
+    """
+    if resize not in ("always", "smaller"):
+        raise ValueError(f"resize must be 'always' or 'smaller', got {resize!r}")
     uris = batch.column("uri").to_pylist()
     # The URI to read; "uri" is the stored key (the same unless it had secrets).
     sources = batch.column("source").to_pylist() if "source" in batch.column_names else uris
@@ -89,7 +100,7 @@ def read_and_decode(
     status, error = ["ok"] * n, [None] * n
     width, height = [None] * n, [None] * n
     images: list[bytes | None] = [None] * n
-    image_h, image_w = [0] * n, [0] * n
+    image_h, image_w, resized = [0] * n, [0] * n, [False] * n
 
     def fetch(uri: str) -> bytes | BaseException:
         try:
@@ -112,14 +123,8 @@ def read_and_decode(
         except DecodeError as exc:
             status[i], error[i] = "error", str(exc)
             continue
-        chw = torch.from_numpy(rgb).permute(2, 0, 1)
         try:
-            if cfg is not None:
-                from maskrcnn.transforms import resize_to_model
-
-                chw = resize_to_model(chw, cfg).contiguous()
-            else:
-                chw = chw.contiguous()
+            chw, resized[i] = _model_input(rgb, cfg, resize)
         except Exception as exc:
             status[i], error[i] = "error", _reason("resize", exc)
             width[i] = height[i] = None
@@ -132,28 +137,54 @@ def read_and_decode(
             "image": pa.array(images, pa.large_binary()),
             "image_h": pa.array(image_h, pa.int32()),
             "image_w": pa.array(image_w, pa.int32()),
+            "resized": pa.array(resized, pa.bool_()),
         }
     )
+
+
+def _model_input(rgb: np.ndarray, cfg: Any | None, resize: str):
+    """(CHW tensor, resized): uint8 [H, W, 3] ``rgb`` as shipped to the model actor, and
+    whether it is the model's float32 input already (see :func:`read_and_decode`)."""
+    import torch
+
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    if cfg is None:
+        return chw.contiguous(), False
+    from maskrcnn.transforms import resize_scale, resize_to_model
+
+    if resize == "smaller":
+        height, width = int(chw.shape[1]), int(chw.shape[2])
+        scale = resize_scale(height, width, cfg.min_size, cfg.max_size)
+        # interpolate's output size with recompute_scale_factor: floor(side * scale).
+        if 4 * int(height * scale) * int(width * scale) >= height * width:
+            return chw.contiguous(), False
+    return resize_to_model(chw, cfg).contiguous(), True
 
 
 class Segmenter:
     """The model actor: loads the model once, runs predict on batches of images.
 
+    Images come resized to the model's float32 input, or as decoded uint8 pixels
+    (column ``resized``), which are normalised and resized here, on the device:
+    a quarter of the bytes a channel through the object store, and the GPU's work.
     Masks come back as M x M probabilities (paste_masks=False); pasting them
     at full resolution and RLE encoding are CPU work left to :func:`encode_rows`.
+
+    ``model_ref``: [an object ref to, or the bytes of, the model's safetensors].
+    ``tf32``: TensorFloat-32 matmuls and convolutions for fp32 on a CUDA device that
+    has them (Ampere and newer), see :func:`set_tf32`.
     """
 
     def __init__(
         self,
         model_ref: list,
         *,
-        resized_on_cpu: bool,
         score_threshold: float | None,
         max_detections: int | None,
         fast: bool,
         threads: int,
+        tf32: bool = False,
     ) -> None:
-        import ray
         import torch
 
         from pipeline.segment.model_source import model_from_bytes
@@ -161,8 +192,13 @@ class Segmenter:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model_from_bytes(ray.get(model_ref[0])).to(self.device).eval()
-        self.resized_on_cpu = resized_on_cpu
+        data = model_ref[0]
+        if not isinstance(data, bytes | bytearray | memoryview):
+            import ray
+
+            data = ray.get(data)
+        self.model = model_from_bytes(data).to(self.device).eval()
+        set_tf32(tf32)
         self.kwargs = {
             "score_threshold": score_threshold,
             "max_detections": max_detections,
@@ -170,41 +206,59 @@ class Segmenter:
             "paste_masks": False,
         }
 
-    def _predict(self, images: list, sizes: list[tuple[int, int]]) -> list[dict]:
-        if self.resized_on_cpu:
-            return self.model.predict(images, original_sizes=sizes, **self.kwargs)
-        return self.model.predict(images, **self.kwargs)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _inputs(self, batch: pa.Table, ok: list[int]) -> list:
+        """The model inputs of rows ``ok``: float32 [3, h, w] on the device, normalised
+        and resized (here, for rows not resized on CPU)."""
         import torch
 
+        from maskrcnn.transforms import resize_to_model
+
+        blobs, resized = batch.column("image"), batch.column("resized").to_pylist()
+        image_h, image_w = batch.column("image_h").to_pylist(), batch.column("image_w").to_pylist()
+        images = []
+        for i in ok:
+            dtype = torch.float32 if resized[i] else torch.uint8
+            pixels = torch.frombuffer(bytearray(blobs[i].as_py()), dtype=dtype)
+            image = pixels.view(3, image_h[i], image_w[i]).to(self.device, non_blocking=True)
+            images.append(image if resized[i] else resize_to_model(image, self.model.cfg))
+        return images
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         status, error, width, height = _image_state(batch)
         ok = [i for i in range(n) if status[i] == "ok"]
-        dtype = torch.float32 if self.resized_on_cpu else torch.uint8
-        blobs = batch.column("image")
-        image_h, image_w = batch.column("image_h").to_pylist(), batch.column("image_w").to_pylist()
-        images = [
-            torch.frombuffer(bytearray(blobs[i].as_py()), dtype=dtype)
-            .view(3, image_h[i], image_w[i])
-            .to(self.device, non_blocking=True)
-            for i in ok
-        ]
+        images = self._inputs(batch, ok)
         sizes = [(height[i], width[i]) for i in ok]
         outputs: list[dict | None] = [None] * len(ok)
         if ok:
             try:
-                outputs = list(self._predict(images, sizes))
+                outputs = list(self.model.predict(images, original_sizes=sizes, **self.kwargs))
             except Exception:
                 # One image may be what breaks the batch: run them one by one.
                 for j in range(len(ok)):
                     try:
-                        outputs[j] = self._predict([images[j]], [sizes[j]])[0]
+                        outputs[j] = self.model.predict(
+                            [images[j]], original_sizes=[sizes[j]], **self.kwargs
+                        )[0]
                     except Exception as exc:
                         i = ok[j]
                         status[i], error[i] = "error", _reason("model", exc)
                         width[i] = height[i] = None
         return _detections_table(batch, status, error, width, height, ok, outputs)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TensorFloat-32 for CUDA fp32 matmuls and cuDNN convolutions (no effect on CPU).
+
+    TF32 rounds the inputs of each product to 10 mantissa bits (fp32 keeps 23),
+    accumulating in fp32: on Ampere and newer, several times the fp32 rate.
+    Detections then move like fast mode's, less: scores by ~1e-4..1e-3, a box
+    or mask near a threshold may change (measured by bench/gpu_check.py).
+    """
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def _detections_table(batch, status, error, width, height, ok, outputs) -> pa.Table:
