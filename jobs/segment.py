@@ -17,6 +17,14 @@ HELP = "segment every image under INPUT into a Parquet dataset at OUTPUT (Ray Da
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    _source_arguments(p)
+    _scale_arguments(p)
+    _output_arguments(p)
+    _cluster_arguments(p)
+
+
+def _source_arguments(p: argparse.ArgumentParser) -> None:
+    """INPUT, OUTPUT and the model."""
     p.add_argument(
         "input",
         metavar="INPUT",
@@ -39,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-classes", type=positive_int, help="class count the torchvision weights must have"
     )
+
+
+def _scale_arguments(p: argparse.ArgumentParser) -> None:
+    """Batching and the model actors' resources."""
     p.add_argument(
         "--batch-size", type=positive_int, default=4, help="images per model call (default 4)"
     )
@@ -53,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative,
         help="default 1 with GPUs, else half the largest node's CPUs",
     )
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """What the rows hold and how they are written."""
     p.add_argument(
         "--score-threshold",
         type=score,
@@ -79,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=500,
         help="images per Parquet file, also the most work a killed run loses (default 500)",
     )
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """Storage, the Ray cluster and stalls."""
     add_storage_arguments(p)
     p.add_argument(
         "--address",

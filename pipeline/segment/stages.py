@@ -76,6 +76,31 @@ def read_bytes(uri: str, options: dict[str, Any] | None) -> bytes:
     return retrying(fs.cat_file, path, what="read", attempts=READ_ATTEMPTS)
 
 
+def _fetch_all(uris: list[str], options: dict[str, Any] | None) -> list[bytes | BaseException]:
+    """Each URI's bytes, or the exception reading it raised; read on READ_THREADS threads."""
+
+    def fetch(uri: str) -> bytes | BaseException:
+        try:
+            return read_bytes(uri, options)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(uris)))) as pool:
+        return list(pool.map(fetch, uris))
+
+
+def _decode(data: bytes, cfg: Any | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(RGB uint8 [H, W, 3], (height, width) after EXIF orientation); raises DecodeError.
+
+    With ``cfg`` huge images come back shrunk (still at least the model's size) and the
+    size is the original's.
+    """
+    if cfg is not None:
+        return decode_for_model(data, cfg.min_size, cfg.max_size)
+    rgb = decode_image(data)
+    return rgb, (int(rgb.shape[0]), int(rgb.shape[1]))
+
+
 def read_and_decode(
     batch: pa.Table,
     *,
@@ -102,24 +127,12 @@ def read_and_decode(
     images: list[bytes | None] = [None] * n
     image_h, image_w, resized = [0] * n, [0] * n, [False] * n
 
-    def fetch(uri: str) -> bytes | BaseException:
-        try:
-            return read_bytes(uri, storage_options)
-        except Exception as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, n))) as pool:
-        contents = list(pool.map(fetch, sources))
-    for i, data in enumerate(contents):
+    for i, data in enumerate(_fetch_all(sources, storage_options)):
         if isinstance(data, BaseException):
             status[i], error[i] = "error", _reason("read", data)
             continue
         try:
-            if cfg is not None:  # huge images come back shrunk (still >= the model's size)
-                rgb, (height[i], width[i]) = decode_for_model(data, cfg.min_size, cfg.max_size)
-            else:
-                rgb = decode_image(data)
-                height[i], width[i] = int(rgb.shape[0]), int(rgb.shape[1])
+            rgb, (height[i], width[i]) = _decode(data, cfg)
         except DecodeError as exc:
             status[i], error[i] = "error", str(exc)
             continue
