@@ -208,7 +208,7 @@ def train_speed(dev: torch.device, sz: Sizes) -> dict:
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        return float(loss)
+        return float(loss.detach())
 
     first = [step() for _ in range(3)]  # warm-up
     sync(dev)
