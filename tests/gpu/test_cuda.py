@@ -76,7 +76,7 @@ def test_amp_training_step_lowers_the_loss_on_a_fixed_batch(device):
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
 
 
