@@ -87,9 +87,8 @@ def alive_actors_on(cluster: LocalRayCluster, node_id: str, name_part: str, job_
 def train_lines(logs: str, pid: int) -> list[str]:
     """The job log's "train: " lines printed by worker process ``pid``, each once, in order.
 
-    Every node of this cluster tails the same log folder (one machine, one --temp-dir),
-    so a worker's line reaches the job log once per live node, and a node that joins
-    late replays what it finds; a process prints a line once, so duplicates are dropped.
+    A process prints a line once, so a line seen twice (a log monitor that replays a file
+    after a node restarts) is dropped.
     """
     prefix = re.compile(rf"^(?:\x1b\[\d+m)?\(\w+ pid={pid}(?:, ip=[^)]*)?\)(?:\x1b\[0m)? ")
     lines = [prefix.sub("", line) for line in logs.splitlines() if prefix.match(line)]

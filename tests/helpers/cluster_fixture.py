@@ -241,6 +241,11 @@ class LocalRayCluster:
             "metrics-export-port": free_port(),
             "runtime-env-agent-port": free_port(),
         }
+        # A temp dir per node, as on separate machines: nodes that share one also share the
+        # unpacked working_dir, and a joining node's runtime-env agent deletes and unpacks it
+        # again while the head's driver is importing from it (a missing-module flake).
+        node_dir = self.temp_dir if head else self.temp_dir / name
+        node_dir.mkdir(exist_ok=True)
         argv = [
             RAY,
             "start",
@@ -248,7 +253,7 @@ class LocalRayCluster:
             f"--num-cpus={num_cpus}",
             "--num-gpus=0",
             f"--object-store-memory={self.object_store_bytes}",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={node_dir}",
             "--disable-usage-stats",
             *(f"--{k}={v}" for k, v in ports.items()),
         ]
