@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +138,19 @@ def test_three_two_cpu_nodes(cluster, data, tmp_path):
     assert not list(out.glob("part-*.parquet")), "no row before the check"
 
 
+@pytest.mark.timeout(60)
+def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local):
+    """Ray Data's iterator can block the driver's main thread in a lock wait with no
+    timeout: the stall must end that wait, not only flag it for later."""
+    from pipeline.segment.watchdog import StallError, Watchdog
+
+    lines: list[str] = []
+    dog = Watchdog(lines.append, stall_timeout=0.5, demands=lambda: [{"CPU": 3.0, "count": 1.0}])
+    with pytest.raises(StallError, match=r"cannot place 1 x \{CPU: 3\}"):
+        with dog.watching():
+            threading.Event().wait()  # no timeout: only a real signal ends it
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_path):
@@ -185,7 +199,11 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_
             assert time.monotonic() < deadline, "no part within 240 s"
             time.sleep(0.2)  # polling interval of a condition with a deadline
         cluster.kill_raylet(big)
-        _, stderr = proc.communicate(timeout=240)
+        try:
+            _, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"no stall error within 240 s:\n{proc.communicate()[1][-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,7 +10,7 @@ re-run resumes after them).
 
 from __future__ import annotations
 
-import _thread
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +23,13 @@ POLL_S = 5.0
 
 class StallError(RuntimeError):
     """The run made no progress while Ray could not place what it asked for."""
+
+
+def interrupt_main_thread() -> None:
+    """KeyboardInterrupt in the main thread, even while it blocks on a lock or a queue
+    (Ray Data's iterator does): a real SIGINT sent to that thread ends the wait, where
+    ``_thread.interrupt_main`` only flags it for when the thread next runs Python code."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 class Watchdog:
@@ -63,7 +70,7 @@ class Watchdog:
                 "and re-run to resume"
             )
             self._stop.set()
-            _thread.interrupt_main()
+            interrupt_main_thread()
             return now
         if now - last_log >= self.interval:
             self.log(
