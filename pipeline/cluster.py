@@ -21,6 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 CONNECT_TIMEOUT_S = 2.0
+WAIT_INTERVAL_ENV = "MASKRCNN_WAIT_INTERVAL_S"  # seconds between "waiting for resources" lines
+
+
+def wait_interval() -> float:
+    """How often a job that waits on resources says so: MASKRCNN_WAIT_INTERVAL_S, else 60 s."""
+    text = os.environ.get(WAIT_INTERVAL_ENV, "").strip()
+    try:
+        value = float(text) if text else 60.0
+    except ValueError:
+        raise ValueError(f"{WAIT_INTERVAL_ENV}={text!r}: not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{WAIT_INTERVAL_ENV}={text!r}: must be more than 0 seconds")
+    return value
 
 
 def recorded_address() -> str | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from helpers.cluster_fixture import LocalRayCluster, free_port
+from helpers.proc import kill_group, maskrcnn_process
 from helpers.segment_data import (
     assert_exactly_once,
     make_images,
@@ -31,6 +32,7 @@ from helpers.segment_data import (
 )
 
 from pipeline.cluster import NodeShape
+from pipeline.formats.shapes import make_shapes_dataset
 from pipeline.segment.resources import InfeasibleError, actor_plan, check
 
 THREE_NODES = [NodeShape(2, 0)] * 3
@@ -136,6 +138,33 @@ def test_three_two_cpu_nodes(cluster, data, tmp_path):
     assert "--cpus-per-actor 3" in errors[0] and "no node can host" in errors[0]
     assert "3 nodes of 2 CPUs" in errors[0] and "try --cpus-per-actor 1" in errors[0]
     assert not list(out.glob("part-*.parquet")), "no row before the check"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_whose_workers_no_node_can_host_says_so(cluster, tmp_path):
+    """`maskrcnn train` asking for 5-CPU workers on 2-CPU nodes says what waits and why,
+    every MASKRCNN_WAIT_INTERVAL_S, instead of waiting silently."""
+    make_shapes_dataset(str(tmp_path / "shapes"), 4, size=64)
+    log = tmp_path / "train.log"
+    proc = maskrcnn_process(
+        ["train", "--data", str(tmp_path / "shapes" / "train"), "--preset", "tiny",
+         "--workers", "1", "--cpus-per-worker", "5", "--iters", "2",
+         "--storage", str(tmp_path / "runs"), "--address", cluster.address],
+        cwd=tmp_path, env_extra={**cluster.env, "MASKRCNN_WAIT_INTERVAL_S": "2"},
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while "train: waiting for resources" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)  # polling interval of a condition with a deadline
+    finally:
+        kill_group(proc)
+    line = next(x for x in log.read_text().splitlines() if "waiting for resources" in x)
+    assert "1 worker(s) of {5 CPU} each (no node can host one)" in line, line
+    assert "CPU: 5" in line and "the cluster has 3 nodes of 2 CPUs" in line, line
 
 
 @pytest.mark.timeout(60)

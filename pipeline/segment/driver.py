@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cluster import init_ray, launching, node_shapes
+from pipeline.cluster import init_ray, launching, node_shapes, wait_interval
 from pipeline.output.schema import MANIFEST_NAME
 from pipeline.segment.commit import (
     PLAN_NAME,
@@ -85,7 +85,8 @@ class SegmentOptions:
     extra_manifest: dict[str, Any] = field(default_factory=dict)
     stall_timeout: float = 900.0  # seconds without a part while Ray cannot place; 0: off
     autoscaling: bool = False  # the cluster may add nodes: an actor no node hosts only warns
-    wait_interval: float = 60.0  # seconds between "waiting for resources" lines
+    wait_interval: float | None = None  # between "waiting for resources" lines; None: 60 s
+    # or MASKRCNN_WAIT_INTERVAL_S (pipeline.cluster.wait_interval)
 
 
 def segment(
@@ -261,7 +262,8 @@ class SegmentRun:
         processed: dict[str, Any] = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
         if pending:
             dataset = self.dataset(pending)
-            watchdog = Watchdog(self.log, self.opts.stall_timeout, self.opts.wait_interval)
+            interval = self.opts.wait_interval or wait_interval()
+            watchdog = Watchdog(self.log, self.opts.stall_timeout, interval)
             with watchdog.watching():
                 for record in dataset.iter_rows():
                     self.lease.check()  # never write a part after another run took OUTPUT over

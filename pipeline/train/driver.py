@@ -23,7 +23,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline import storage
-from pipeline.cluster import init_ray
+from pipeline.cluster import init_ray, wait_interval
 from pipeline.train.checkpoint import export_model
 from pipeline.train.curves import write_curves
 from pipeline.train.options import (
@@ -36,7 +36,6 @@ from pipeline.train.options import (
 from pipeline.train.spec import TrainSpec
 
 EXPORT_NAME = "model.safetensors"
-WAIT_INTERVAL_S = 60.0  # between "waiting for resources" lines while workers wait
 
 
 def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -66,7 +65,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
     trainer = _trainer(opts, spec, log)
     stop = threading.Event()
     watch = threading.Thread(
-        target=_placement_watch, args=(opts, log, stop, WAIT_INTERVAL_S), daemon=True
+        target=_placement_watch, args=(opts, log, stop, wait_interval()), daemon=True
     )
     watch.start()
     try:
