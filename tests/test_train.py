@@ -30,10 +30,11 @@ from helpers.train_logs import (
 )
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
-from maskrcnn.checkpoint import load, model_id
+from maskrcnn.checkpoint import load, model_id, read_metadata, save
 from pipeline.formats.coco import CocoDataset
 from pipeline.formats.shapes import make_shapes_dataset
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.curves import CURVES_FILE, read_metrics
 from pipeline.train.data import BatchPlan, hflip, input_size, train_input_size
 from pipeline.train.schedule import lr_factor
 from pipeline.train.spec import TrainSpec
@@ -154,7 +155,19 @@ def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes, tmp_path):
-    """Also a corrupt image: with one image per batch, a batch of nothing still steps."""
+    """Also a corrupt image (with one image per batch, a batch of nothing still steps) and
+    a fine-tune: the run starts from --init, which its resumption does not re-apply."""
+    pretrained = tmp_path / "pretrained.safetensors"
+    torch.manual_seed(3)
+    old = MaskRCNN(
+        MaskRCNNConfig.preset(
+            "tiny",
+            class_names=["__background__", "square", "star", "circle"],
+            min_size=64,
+            max_size=64,
+        )
+    )
+    save(old, str(pretrained))
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     (data / "train" / "images" / "000005.png").write_bytes(b"not a png")
@@ -168,7 +181,7 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     args = [
         "--data", str(data / "train"), "--val-data", str(data / "val"), *SMALL_RUN,
         "--batch-size", "1", "--iters", "24", "--checkpoint-every", "4", "--keep-checkpoints", "2",
-        "--storage", str(storage), "--name", "stopped",
+        "--storage", str(storage), "--name", "stopped", "--init", str(pretrained),
     ]  # fmt: skip
     first_log = tmp_path / "first.log"
     proc = start_train(args, first_log, tmp_path)
@@ -203,6 +216,12 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     finally:
         kill_group(proc)
     text = again_log.read_text()
+    for log_text in (first_log.read_text(), text):
+        assert (
+            f"train: --init {pretrained}: found a maskrcnn checkpoint (resnet18, 4 classes)"
+            in log_text
+        ), log_text[-3000:]
+        assert "train: classes: kept 2 of 3 classes (square, circle), new 1 (triangle)" in log_text
     assert_resumed(text, stopped_at, 24)
     assert "finished at iteration 24" in text
     # Resumed exactly: iterations trained by both runs (after the checkpoint the
@@ -223,6 +242,15 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     assert state["metrics"]["eval_images"] == 8
     model = load(str(run / "model.safetensors"))
     assert model_id(model) == state["model_id"]
+    origin = json.loads(read_metadata((run / "model.safetensors").read_bytes())["init"])
+    assert origin["kept"] == {"square": "square", "circle": "circle"}
+    assert origin["new"] == ["triangle"] and origin["trainable_layers"] == "3+"
+    # One metrics line per logged iteration, continued (not repeated) after the resume,
+    # and the curves drawn from them.
+    steps = [m["iteration"] for m in read_metrics(str(run), {}) if "loss" in m]
+    assert steps == list(range(1, 25)), steps
+    assert f"train: wrote training curves {run / CURVES_FILE}" in text
+    assert (run / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image, _ = CocoDataset(str(shapes / "val"), train=False)[0]
     out = model.predict([image])[0]
     assert out["masks"].shape[1:] == image.shape[1:]
