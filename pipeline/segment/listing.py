@@ -168,7 +168,8 @@ def iter_prefix(
     # Each unit sorts by its key: a file by its name, a sub-prefix by its name + "/".
     units = sorted(
         [(f, None) for f in files if is_image_name(f)]
-        + [(p.rstrip("/") + "/", p) for p in prefixes]
+        + [(p.rstrip("/") + "/", p) for p in prefixes],
+        key=lambda unit: unit[0],
     )
     ordered = [prefix for _, prefix in units if prefix is not None]
     per_job = max(1, math.ceil(len(ordered) / LIST_TASKS))
@@ -180,7 +181,7 @@ def iter_prefix(
     try:
         for key, prefix in units:
             for uri in next(listed) if prefix is not None else (full_uri(fs, key),):
-                if uri != last:  # a key both a file and a prefix's name is listed once
+                if uri != last:  # a name a listing repeats is kept once
                     out.append(uri)
                     last = uri
             if len(out) >= chunk:
