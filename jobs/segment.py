@@ -28,7 +28,7 @@ def _source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "input",
         metavar="INPUT",
-        help="image prefix (any fsspec URI), or a .txt/.parquet list of URIs",
+        help="image prefix (any fsspec URI), a .txt/.parquet list of URIs, or an S3 Inventory manifest.json",
     )
     p.add_argument("output", metavar="OUTPUT", help="output folder (any fsspec URI)")
     src = p.add_mutually_exclusive_group(required=True)

@@ -1,23 +1,37 @@
-"""INPUT -> the sorted, de-duplicated list of image URIs a segment run covers.
+"""INPUT -> the sorted, de-duplicated image URIs a segment run covers, in chunks or whole.
 
 INPUT is one of:
 
 * a prefix (folder) at any fsspec URI, listed recursively; files whose name
-  ends in an image extension (any case) are kept, everything else is ignored;
+  ends in an image extension (any case) are kept, everything else is ignored.
+  The listing fans out over sub-prefixes (pipeline.segment.listing);
 * a single image file;
 * a ``.txt`` file with one URI per line (blank lines and ``#`` comments are
   skipped; a relative path is relative to the list file's folder);
-* a ``.parquet`` file with a ``uri`` string column.
+* a ``.parquet`` file with a ``uri`` string column;
+* an S3 Inventory report: its ``manifest.json`` (s3:// or a local copy), with
+  CSV or Parquet data files; the image keys it lists in its source bucket
+  (pipeline.segment.inventory).
+
+:func:`iter_input_chunks` yields the URIs in their global sorted order, a chunk
+at a time, without holding them all: a prefix streams piece by piece; a list's
+or a report's URIs come in any order and may repeat anywhere, so they go
+through a sort that spills sorted runs to local disk past SORT_RUN URIs
+(listing.sorted_unique). :func:`list_inputs` is the whole list.
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeline.storage import full_uri, get_fs, looks_secret, protocol_of, redact
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+CHUNK = 10_000  # URIs per chunk of iter_input_chunks
 
 
 def is_image_name(path: str) -> bool:
@@ -26,14 +40,32 @@ def is_image_name(path: str) -> bool:
 
 
 def list_inputs(input_uri: str, options: dict[str, Any] | None = None) -> list[str]:
-    """Full URIs of the images INPUT names, sorted and unique.
+    """Full URIs of the images INPUT names, sorted and unique (all of
+    :func:`iter_input_chunks`, in memory).
 
     Raises FileNotFoundError when INPUT does not exist, ValueError when it
     names no image, PermissionError/OSError when storage refuses; every message
     names INPUT (redacted).
     """
+    return [uri for chunk in iter_input_chunks(input_uri, options) for uri in chunk]
+
+
+def iter_input_chunks(
+    input_uri: str,
+    options: dict[str, Any] | None = None,
+    chunk: int = CHUNK,
+    sort_run: int | None = None,
+) -> Iterator[list[str]]:
+    """The URIs of :func:`list_inputs`, in the same order, as lists of at most ``chunk``.
+
+    ``sort_run`` (default listing.SORT_RUN) is how many URIs of a list or an inventory
+    report are sorted in memory before a run spills to disk. Raises, while iterated, what
+    list_inputs raises.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
     try:
-        return _list_inputs(input_uri, options)
+        yield from _iter_chunks(input_uri, options, chunk, sort_run)
     except (FileNotFoundError, ValueError):
         raise  # these name INPUT already
     except OSError as exc:  # storage's own message is often one word ("Forbidden")
@@ -49,56 +81,84 @@ def list_inputs(input_uri: str, options: dict[str, Any] | None = None) -> list[s
         raise OSError(f"INPUT {redact(input_uri)}: cannot list it ({reason})") from exc
 
 
-def _list_inputs(input_uri: str, options: dict[str, Any] | None) -> list[str]:
+def _iter_chunks(
+    input_uri: str, options: dict[str, Any] | None, chunk: int, sort_run: int | None
+) -> Iterator[list[str]]:
+    from pipeline.segment import listing
+
+    run = sort_run or listing.SORT_RUN
     fs, path = get_fs(input_uri, options)
     # A signed URL's name ends before its query string.
     lowered = (
         path.split("?", 1)[0] if protocol_of(input_uri) in ("http", "https") else path
     ).lower()
+    chunks: Iterable[list[str]]
     if lowered.endswith(".txt") or lowered.endswith(".parquet"):
         if not fs.isfile(path):
             raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such file")
-        uris = _read_uri_list(fs, path, input_uri)
+        listed = _read_uri_list(fs, path, input_uri, lowered.endswith(".parquet"), chunk)
+        chunks = listing.sorted_unique(listed, chunk, run)
         what = "lists no URI"
+    elif lowered.endswith("manifest.json"):
+        from pipeline.segment.inventory import iter_inventory
+
+        if not fs.isfile(path):
+            raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such file")
+        chunks = listing.sorted_unique(iter_inventory(fs, path, input_uri), chunk, run)
+        what = "(an S3 Inventory manifest) lists no image"
     elif fs.isfile(path):
         if not is_image_name(path):
             raise ValueError(
                 f"INPUT {redact(input_uri)} is neither an image ({', '.join(IMAGE_EXTENSIONS)}), "
-                "a folder, a .txt list of URIs nor a .parquet file with a `uri` column"
+                "a folder, a .txt list of URIs, a .parquet file with a `uri` column "
+                "nor an S3 Inventory manifest.json"
             )
-        uris = [full_uri(fs, path)]
+        chunks = [[full_uri(fs, path)]]
         what = "is empty"
     else:
         if not fs.exists(path):
             raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such folder or prefix")
-        uris = [full_uri(fs, p) for p in fs.find(path) if is_image_name(p)]
+        chunks = listing.iter_prefix(fs, path, chunk)
         what = f"holds no image (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)"
-    uris = sorted(set(uris))
-    if not uris:
+    empty = True
+    for part in chunks:
+        if part:
+            empty = False
+            yield part
+    if empty:
         raise ValueError(f"INPUT {redact(input_uri)} {what}")
-    return uris
 
 
-def _read_uri_list(fs: Any, path: str, input_uri: str) -> list[str]:
-    if path.lower().endswith(".parquet"):
+def _read_uri_list(
+    fs: Any, path: str, input_uri: str, is_parquet: bool, chunk: int
+) -> Iterator[list[str]]:
+    """The list's URIs as written (resolved, not yet sorted), ``chunk`` or so at a time."""
+    base = posixpath.dirname(full_uri(fs, path))
+    if is_parquet:
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            schema = pq.read_schema(f)
-            if "uri" not in schema.names:
+            data = pq.ParquetFile(f)
+            names = data.schema_arrow.names
+            if "uri" not in names:
                 raise ValueError(
-                    f"INPUT {redact(input_uri)} has no `uri` column (columns: {', '.join(schema.names)})"
+                    f"INPUT {redact(input_uri)} has no `uri` column (columns: {', '.join(names)})"
                 )
-            f.seek(0)
-            column = pq.read_table(f, columns=["uri"]).column("uri")
-        lines = [u for u in column.to_pylist() if u]
-    else:
-        with fs.open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig")
-        lines = [line.strip() for line in text.splitlines()]
-        lines = [line for line in lines if line and not line.startswith("#")]
-    base = posixpath.dirname(full_uri(fs, path))
-    return [_resolve(u, base) for u in lines]
+            for batch in data.iter_batches(columns=["uri"], batch_size=chunk):
+                yield [_resolve(u, base) for u in batch.column(0).to_pylist() if u]
+        return
+    lines: list[str] = []
+    with fs.open(path, "rt", encoding="utf-8-sig") as text:
+        for line in text:
+            for part in line.splitlines():  # the breaks str.splitlines makes, not only \n
+                part = part.strip()
+                if part and not part.startswith("#"):
+                    lines.append(_resolve(part, base))
+            if len(lines) >= chunk:
+                yield lines
+                lines = []
+    if lines:
+        yield lines
 
 
 def _resolve(uri: str, base: str) -> str:
