@@ -447,8 +447,12 @@ class LocalRayCluster:
                     procs[pid] = Proc(pid, st[1])
         return [p for p in procs.values() if p.alive()]
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop this cluster's processes, and only them; raise if any survives."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop this cluster's processes, and only them; raise if any survives.
+
+        ``grace``: how long SIGTERM'd nodes get before SIGKILL. Worker nodes exit in about
+        a second; after a job ran, the head's `ray start --block` can wait on for more than
+        30 s, and nothing in it is worth waiting for: its processes are killed, then checked."""
         if self._stopped:
             return
         self._stopped = True
