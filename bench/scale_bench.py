@@ -1,0 +1,195 @@
+"""The segment driver's own cost per image, and listing at scale (issue 15's yardstick).
+
+    PYTHONPATH=. .venv/bin/python bench/scale_bench.py [--rows 100000,1000000]
+        [--list-files 1000000] [--s3-objects 100000]
+
+1. Driver cost. INPUT is a .txt list of N URIs of files that do not exist, so every row
+   is an error row and the model does no work: what is left is the pipeline's own cost.
+   `maskrcnn segment` runs in a subprocess; its driver process is sampled every 0.1 s
+   (/proc: CPU seconds, VmHWM peak RSS). For each N: wall seconds, rows/s inside the run
+   (the run's own summary line), driver CPU seconds and peak RSS; between the two sizes,
+   the driver's marginal CPU per row (target <= 10 us) and the RSS ratio (target <= 1.2).
+2. Listing. A local tree of --list-files empty .png files (100 per folder) and an S3
+   prefix of --s3-objects objects on a moto server on loopback, each listed with
+   pipeline.segment.inputs.list_inputs: seconds and URIs/s.
+
+Writes bench/results/scale.json. Never run as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import machine_info, write_result  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+SUMMARY = re.compile(r"this run (\d+) images in ([\d.]+)s \(([\d.]+) images/s\)")
+
+
+def _sample(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, peak RSS bytes) of process ``pid`` alone, None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return cpu, int(hwm.group(1)) * 1024 if hwm else 0
+
+
+def driver_run(rows: int, work: Path, model: Path, rows_per_part: int) -> dict[str, Any]:
+    """One segment run over ``rows`` missing files; the driver's figures."""
+    listing = work / f"missing-{rows}.txt"
+    with open(listing, "w") as f:
+        for i in range(rows):
+            f.write(f"{work}/missing/{i // 1000:05d}/img{i:09d}.png\n")
+    out = work / f"out-{rows}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [sys.executable, "-m", "jobs.cli", "segment", str(listing), str(out),
+            "--model", str(model), "--rows-per-part", str(rows_per_part)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    start = time.monotonic()
+    log = work / f"run-{rows}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(argv, env=env, cwd=work, stdout=sink, stderr=subprocess.STDOUT)
+        last = (0.0, 0)
+        while proc.poll() is None:
+            last = _sample(proc.pid) or last
+            time.sleep(0.1)  # sampling interval
+    wall = time.monotonic() - start
+    text = log.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"segment over {rows} rows exited {proc.returncode}:\n{text[-3000:]}")
+    found = SUMMARY.search(text)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "rows": rows,
+        "wall_s": round(wall, 1),
+        "in_run_s": float(found.group(2)) if found else None,
+        "rows_per_s_in_run": float(found.group(3)) if found else None,
+        "driver_cpu_s": round(last[0], 2),
+        "driver_peak_rss_mib": round(last[1] / 2**20, 1),
+    }
+
+
+def list_local(files: int, work: Path) -> dict[str, Any]:
+    from pipeline.segment.inputs import list_inputs
+
+    root = work / "tree"
+    shutil.rmtree(root, ignore_errors=True)
+    made = time.monotonic()
+    for d in range(0, files, 100):
+        folder = root / f"{d // 10000:04d}" / f"{d // 100:06d}"
+        folder.mkdir(parents=True)
+        for i in range(d, min(d + 100, files)):
+            (folder / f"{i:09d}.png").touch()
+    made = time.monotonic() - made
+    start = time.monotonic()
+    uris = list_inputs(str(root))
+    seconds = time.monotonic() - start
+    assert len(uris) == files, len(uris)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"files": files, "seconds": round(seconds, 2), "uris_per_s": round(files / seconds),
+            "made_in_s": round(made, 1)}  # fmt: skip
+
+
+def list_s3(objects: int) -> dict[str, Any]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.segment.inputs import list_inputs
+    from tests.helpers.cluster_fixture import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing-secret"}
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds)
+        client.create_bucket(Bucket="scale")
+        made = time.monotonic()
+
+        def put(i: int) -> None:
+            client.put_object(Bucket="scale", Key=f"in/{i // 1000:04d}/{i:09d}.png", Body=b"")
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, range(objects)))
+        made = time.monotonic() - made
+        options = {"key": creds["aws_access_key_id"], "secret": creds["aws_secret_access_key"],
+                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}  # fmt: skip
+        start = time.monotonic()
+        uris = list_inputs("s3://scale/in", options)
+        seconds = time.monotonic() - start
+        assert len(uris) == objects, len(uris)
+    finally:
+        server.stop()
+    return {"objects": objects, "seconds": round(seconds, 2),
+            "uris_per_s": round(objects / seconds), "made_in_s": round(made, 1)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="100000,1000000", help="two row counts, small,large")
+    p.add_argument("--rows-per-part", type=int, default=1000)
+    p.add_argument("--list-files", type=int, default=1_000_000)
+    p.add_argument("--s3-objects", type=int, default=100_000)
+    p.add_argument("--skip", nargs="*", default=[], choices=["driver", "local", "s3"])
+    args = p.parse_args()
+    small, large = (int(x) for x in args.rows.split(","))
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    result: dict[str, Any] = {"command": "PYTHONPATH=. .venv/bin/python bench/scale_bench.py "
+                              + " ".join(sys.argv[1:])}  # fmt: skip
+    try:
+        if "driver" not in args.skip:
+            from maskrcnn.checkpoint import save
+            from tests.helpers.segment_data import tiny_model
+
+            save(tiny_model(0), str(work / "tiny.safetensors"))
+            runs = [driver_run(n, work, work / "tiny.safetensors", args.rows_per_part)
+                    for n in (small, large)]  # fmt: skip
+            a, b = runs
+            result["driver"] = {
+                "runs": runs,
+                "marginal_cpu_us_per_row": round(
+                    1e6 * (b["driver_cpu_s"] - a["driver_cpu_s"]) / (b["rows"] - a["rows"]), 1
+                ),
+                "peak_rss_ratio": round(b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"], 3),
+                "targets": {
+                    "marginal_cpu_us_per_row": 10,
+                    "peak_rss_ratio": 1.2,
+                    "rows_per_s_in_run": 3000,
+                },  # fmt: skip
+            }
+            print(result["driver"], flush=True)
+        if "local" not in args.skip:
+            result["list_local"] = list_local(args.list_files, work)
+            print(result["list_local"], flush=True)
+        if "s3" not in args.skip:
+            result["list_s3"] = list_s3(args.s3_objects)
+            print(result["list_s3"], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["machine"] = machine_info(load_before, os.getloadavg())
+    print(f"wrote {write_result('scale', result)}")
+
+
+if __name__ == "__main__":
+    main()
