@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 
+from maskrcnn.model import fast_dtype
+
 
 def amp_mode(amp: bool, device: torch.device) -> str:
     """'off', 'bf16' (the model's fast path: autocast bf16 + channels_last) or 'fp16' (+ scaler)."""
     if not amp:
         return "off"
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
+    # Fast mode's own choice (maskrcnn.model.fast_dtype): fp16 where bf16 is only emulated
+    # (CUDA before Ampere), which torch.cuda.is_bf16_supported() counts as supported.
+    return "fp16" if fast_dtype(device) == torch.float16 else "bf16"
 
 
 def fast_path(mode: str) -> bool:

@@ -64,6 +64,8 @@ def test_amp_training_step_lowers_the_loss_on_a_fixed_batch(device):
     images, targets = shapes_batch(4, 128, seed=5)
     images = [im.to(device) for im in images]
     mode = amp_mode(True, device)
+    # Training's AMP dtype is fast mode's (fp16 where bf16 is only emulated).
+    assert mode == ("fp16" if fast_dtype(device) == torch.float16 else "bf16")
     scaler = grad_scaler(mode, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     losses = []
