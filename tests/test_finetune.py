@@ -2,8 +2,9 @@
 
 Inits are real files of each kind: our safetensors checkpoint, torchvision Mask R-CNN
 v1 (.pth) and v2 (.safetensors) state dicts with seeded weights (built as the parity
-tests build them), and a seeded torchvision ResNet-50 classification state dict. The
-end-to-end test runs the CLI on a real local Ray instance (1 worker, 64 px shapes).
+tests build them), and a seeded torchvision ResNet-50 classification state dict. A
+fine-tune end to end through Ray Train, stopped and resumed, is
+tests/test_train.py::test_stopped_run_continues_from_its_checkpoint_with_the_same_command.
 """
 
 from __future__ import annotations
