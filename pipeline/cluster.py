@@ -124,17 +124,24 @@ def shapes_text(shapes: list[NodeShape]) -> str:
     return " + ".join(parts)
 
 
-def pending_demands() -> list[dict[str, float]]:
-    """Resource shapes of the tasks and actors (and placement group bundles) Ray has not
-    placed yet, one entry per shape with ``count``; [] when Ray cannot say."""
+def _cluster_status() -> Any:
+    """Ray's autoscaler view of the cluster (ray.autoscaler.v2.sdk), None when it cannot be
+    read: no evidence, then, of a stall or of an autoscaler."""
     import ray
 
     try:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
-        gcs = ray.get_runtime_context().gcs_address
-        status = get_cluster_status(gcs, timeout=10)
-    except Exception:  # noqa: BLE001 - a status we cannot read is no evidence of a stall
+        return get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+    except Exception:  # noqa: BLE001 - a status we cannot read says nothing either way
+        return None
+
+
+def pending_demands() -> list[dict[str, float]]:
+    """Resource shapes of the tasks and actors (and placement group bundles) Ray has not
+    placed yet, one entry per shape with ``count``; [] when Ray cannot say."""
+    status = _cluster_status()
+    if status is None:
         return []
     summary = status.resource_demands
     demands = []
@@ -148,13 +155,8 @@ def launching(autoscaling: bool) -> bool:
     """Whether the cluster may add nodes: the user said so, or an autoscaler is launching."""
     if autoscaling:
         return True
-    import ray
-
-    try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
-    except Exception:  # noqa: BLE001 - no status: no evidence of an autoscaler
+    status = _cluster_status()
+    if status is None:
         return False
     return bool(status.pending_launches or status.pending_nodes or status.failed_launches)
 
