@@ -40,11 +40,15 @@ THREE_NODES = [NodeShape(2, 0)] * 3
 # --- the rules (no Ray) ---------------------------------------------------------------
 
 
+def _not_asked() -> bool:
+    raise AssertionError("a feasible plan asked whether the cluster may add nodes")
+
+
 def test_defaults_come_from_each_node_not_the_sum():
     plan = actor_plan(None, None, None, THREE_NODES)
     # Half the cluster's 6 CPUs (the old default) is a 3-CPU actor no node can host.
     assert (plan.gpus, plan.cpus, plan.actors) == (0.0, 1.0, (1, 3))
-    check(plan, THREE_NODES, False, print)  # feasible: no raise
+    check(plan, THREE_NODES, _not_asked, print)  # feasible: no raise, the autoscaler not asked
     gpu = actor_plan(None, None, None, [NodeShape(8, 2), NodeShape(8, 2)])
     assert (gpu.gpus, gpu.cpus, gpu.actors) == (1.0, 1.0, (1, 4))
 
@@ -52,7 +56,7 @@ def test_defaults_come_from_each_node_not_the_sum():
 def test_infeasible_requests_fail_in_one_line_or_warn_when_nodes_may_come():
     no_node = actor_plan(None, 3, None, THREE_NODES)
     with pytest.raises(InfeasibleError) as exc:
-        check(no_node, THREE_NODES, False, print)
+        check(no_node, THREE_NODES, lambda: False, print)
     line = str(exc.value)
     assert "\n" not in line
     assert "--cpus-per-actor 3" in line and "no node can host" in line
@@ -60,9 +64,9 @@ def test_infeasible_requests_fail_in_one_line_or_warn_when_nodes_may_come():
     # Two 2-CPU actors on two 2-CPU nodes leave decode no CPU: the silent hang.
     two = [NodeShape(2, 0)] * 2
     with pytest.raises(InfeasibleError, match="leaves no CPU on any node.*try --cpus-per-actor 1"):
-        check(actor_plan(None, 2, (2, 2), two), two, False, print)
+        check(actor_plan(None, 2, (2, 2), two), two, lambda: False, print)
     warned: list[str] = []
-    check(no_node, THREE_NODES, True, warned.append)
+    check(no_node, THREE_NODES, lambda: True, warned.append)
     assert len(warned) == 1 and "no node can host" in warned[0] and "autoscaler" in warned[0]
 
 

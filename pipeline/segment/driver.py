@@ -302,7 +302,7 @@ class SegmentRun:
                 f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {opts.actors}"
             )
         plan = actor_plan(opts.gpus_per_actor, opts.cpus_per_actor, opts.actors, shapes)
-        check_plan(plan, shapes, launching(opts.autoscaling), self.log)
+        check_plan(plan, shapes, lambda: launching(opts.autoscaling), self.log)
         # Enough input blocks for every CPU to decode, small enough to stream.
         cpus_total = max(1, int(sum(s.cpus for s in shapes)))
         per_block = max(1, min(256, math.ceil(pending / (4 * cpus_total))))

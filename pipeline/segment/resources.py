@@ -12,6 +12,7 @@ that works.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.cluster import NodeShape, shapes_text
@@ -110,9 +111,12 @@ def alternative(plan: ActorPlan, shapes: list[NodeShape]) -> str:
     return "a cluster with more CPUs per node"
 
 
-def check(plan: ActorPlan, shapes: list[NodeShape], may_add_nodes: bool, warn) -> None:
+def check(
+    plan: ActorPlan, shapes: list[NodeShape], may_add_nodes: Callable[[], bool], warn
+) -> None:
     """Raise InfeasibleError (one line) when ``plan`` cannot run on ``shapes``; only
-    ``warn`` the same line when the cluster may add nodes (--autoscaling, or Ray launching)."""
+    ``warn`` the same line when ``may_add_nodes()`` (--autoscaling, or Ray launching),
+    which is asked only then."""
     why = problem(plan, shapes)
     if why is None:
         return
@@ -120,6 +124,6 @@ def check(plan: ActorPlan, shapes: list[NodeShape], may_add_nodes: bool, warn) -
         f"{_flags(plan)} {why} (the cluster has {shapes_text(shapes)}); "
         f"try {alternative(plan, shapes)}"
     )
-    if not may_add_nodes:
+    if not may_add_nodes():
         raise InfeasibleError(line)
     warn("segment: " + line + "; waiting for the autoscaler to add a node that fits")
