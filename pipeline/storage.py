@@ -103,6 +103,13 @@ def looks_secret(text: str) -> bool:
     return bool(_SECRET_QUERY.search(text))
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: the
+    reason a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # --- retries and writes ---------------------------------------------------------------
 T = TypeVar("T")
 

@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.storage import first_line
+
 # Truncated files must fail, not decode half an image silently.
 Image.LOAD_TRUNCATED_IMAGES = False
 
@@ -148,7 +150,7 @@ def _bomb_reason(message: str) -> str:
 
 def _short_reason(exc: BaseException) -> str:
     """A one-line reason without object addresses or byte counts that vary."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     lowered = text.lower()
     if "truncated" in lowered:
         return "image file is truncated"

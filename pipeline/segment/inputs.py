@@ -26,7 +26,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pipeline.storage import full_uri, get_fs, looks_secret, protocol_of, redact
+from pipeline.storage import first_line, full_uri, get_fs, looks_secret, protocol_of, redact
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -69,8 +69,7 @@ def iter_input_chunks(
     except (FileNotFoundError, ValueError):
         raise  # these name INPUT already
     except OSError as exc:  # storage's own message is often one word ("Forbidden")
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = first_line(exc)
         if looks_secret(reason):
             reason = type(exc).__name__
         if isinstance(exc, PermissionError):

@@ -28,7 +28,7 @@ from urllib.parse import unquote_plus
 
 from pipeline.segment.inputs import is_image_name
 from pipeline.segment.listing import is_local, ordered_map
-from pipeline.storage import full_uri, redact
+from pipeline.storage import first_line, full_uri, redact
 
 PARQUET_BATCH = 65_536  # rows per Parquet batch read
 
@@ -127,12 +127,12 @@ def read_data_file(fs: Any, path: str, manifest: Manifest, input_uri: str) -> li
     except FileNotFoundError:
         raise FileNotFoundError(f"{where} is missing") from None
     except (gzip.BadGzipFile, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{where} is not gzip-compressed CSV ({_first_line(exc)})") from None
+        raise ValueError(f"{where} is not gzip-compressed CSV ({first_line(exc)})") from None
     except Exception as exc:
         import pyarrow as pa
 
         if isinstance(exc, pa.ArrowInvalid):
-            raise ValueError(f"{where} is not a Parquet file ({_first_line(exc)})") from None
+            raise ValueError(f"{where} is not a Parquet file ({first_line(exc)})") from None
         raise
 
 
@@ -183,8 +183,3 @@ def _column(names: tuple[str, ...], wanted: str) -> int | None:
         if name.lower().replace("_", "") == wanted:
             return i
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from pipeline.segment.commit import LOCK_NAME, OutputDir, OutputStateError, now_iso
+from pipeline.storage import first_line
 
 HEARTBEAT_SECONDS = float(os.environ.get("MASKRCNN_HEARTBEAT_SECONDS", "10"))
 LEASE_SECONDS = float(os.environ.get("MASKRCNN_LEASE_SECONDS", "60"))
@@ -106,7 +107,7 @@ class Lease:
         try:
             self.out.put_json(LOCK_NAME, self._record())
         except OSError as exc:  # the first write to OUTPUT: say which and why
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise OSError(f"OUTPUT {self.out.show()}: cannot write there ({reason})") from exc
         back = self.out.read_json(LOCK_NAME)
         if not back or back.get("attempt") != self.attempt:

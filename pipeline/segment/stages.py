@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pipeline.formats.decode import DecodeError, decode_for_model, decode_image
 from pipeline.output.schema import INSTANCE_TYPE, SCHEMA
-from pipeline.storage import get_fs
+from pipeline.storage import first_line, get_fs
 
 READ_THREADS = 8
 READ_ATTEMPTS = 6
@@ -40,8 +40,7 @@ _URL_QUERY = re.compile(r"(\w+://[^\s'\"?]+)\?[^\s'\"]*")
 
 def _reason(stage: str, exc: BaseException) -> str:
     """``stage: first line of the error``, without URL query strings (signatures)."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = first_line(exc)
     if isinstance(exc, FileNotFoundError):
         first = "no such file"
     elif isinstance(exc, PermissionError):
