@@ -29,6 +29,10 @@ TRAINABLE_LAYERS: dict[str, int] = {"heads": 0, "5+": 1, "4+": 2, "3+": 3, "2+":
 trainable from the top). ``heads``: RPN, FPN and RoI heads only; ``5+``: and ResNet
 stage 5 (layer4); ... ``all``: the whole body, conv1 included. torchvision's default: 3+."""
 
+FINE_TUNE_LAYERS = "3+"
+"""What trains in a fine-tune unless --trainable-layers says otherwise (torchvision's
+pretrained default)."""
+
 
 @torch.no_grad()
 def copy_class_rows(

@@ -174,9 +174,9 @@ def _fine_tune_fields(opts: TrainOptions, cfg: Any) -> dict[str, Any]:
     """trainable_layers from --trainable-layers (a fine-tune's default: 3+), and frozen
     backbone norms whenever layers are frozen or weights are pretrained (unless
     --train-norms), as torchvision's pretrained models have."""
-    from maskrcnn.transfer import trainable_layers
+    from maskrcnn.transfer import FINE_TUNE_LAYERS, trainable_layers
 
-    layers = opts.trainable_layers or ("3+" if opts.init else None)
+    layers = opts.trainable_layers or (FINE_TUNE_LAYERS if opts.init else None)
     if layers is None:
         return {}
     fields: dict[str, Any] = {"trainable_layers": trainable_layers(layers)}
@@ -208,6 +208,7 @@ def init_record(
 ) -> dict[str, Any]:
     """What the run takes from --init (JSON values): the URI, what it is, the class
     mapping, what trains. Checks shapes against --preset/--config first."""
+    from maskrcnn.transfer import FINE_TUNE_LAYERS
     from pipeline.train.init import check_shapes, map_classes, parse_class_map
 
     name = f"--init {storage.redact(opts.init)}"
@@ -218,7 +219,7 @@ def init_record(
     record: dict[str, Any] = {
         "uri": opts.init,
         "kind": init.kind,
-        "trainable_layers": opts.trainable_layers or "3+",
+        "trainable_layers": opts.trainable_layers or FINE_TUNE_LAYERS,
         "pairs": [],
         "kept": {},
         "new": class_names[1:],
