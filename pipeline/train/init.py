@@ -7,9 +7,10 @@ An init is one of (found by its contents, not its name):
     torchvision ResNet-18/34/50/101 classification   the body only; the rest as for a fresh model
 
 The driver reads it once to settle the run's architecture, check shapes and map
-classes by name (:func:`plan_init`); the mapping travels in the TrainSpec, and a
-worker that starts a run without a checkpoint of its own reads the init again and
-loads it (:func:`apply_init`). A resumed run restores its checkpoint instead.
+classes by name (pipeline.train.options.init_record); the mapping travels in the
+TrainSpec, and a worker that starts a run without a checkpoint of its own reads the
+init again and loads it (:func:`apply_init`). A resumed run restores its checkpoint
+instead.
 """
 
 from __future__ import annotations
