@@ -170,3 +170,11 @@ def test_cli_writes_to_s3(s3_server, s3_bucket):
         "ds/val/annotations.json",
         *(f"ds/val/images/00000{i}.png" for i in (1, 2)),
     ]
+
+
+def test_the_cli_lists_the_generators_shape_kinds():
+    """jobs/shapes.py spells SHAPE_KINDS out (its --help imports no pipeline module)."""
+    from jobs import shapes as cli
+    from pipeline.formats import shapes
+
+    assert cli.SHAPE_KINDS == shapes.SHAPE_KINDS
