@@ -1,4 +1,5 @@
-"""The exactly-once building blocks without Ray: parts, manifest checks, lease, retries."""
+"""The exactly-once building blocks without Ray: the plan in shards, parts and pieces
+written by tasks, manifest checks, lease, retries."""
 
 from __future__ import annotations
 
@@ -15,16 +16,25 @@ import pipeline.segment.lease as lease_mod
 from pipeline.output.schema import MANIFEST_NAME, SCHEMA, read_manifest
 from pipeline.segment.commit import (
     LOCK_NAME,
-    PLAN_NAME,
     SPEC_NAME,
     OutputDir,
     OutputStateError,
     encode_part,
     finalize,
-    part_name,
+    read_counts,
 )
 from pipeline.segment.lease import Lease
-from pipeline.storage import retrying
+from pipeline.segment.parts import assemble_part, piece_dir, write_parts
+from pipeline.segment.plan import (
+    PLAN_DIR,
+    Plan,
+    SecretsInInput,
+    is_plain,
+    plan_digest,
+    read_shard,
+    write_plan,
+)
+from pipeline.storage import redact, retrying
 
 
 def rows(uris: list[str], errors: set[str] = frozenset(), instances: int = 2) -> pa.Table:
@@ -62,69 +72,214 @@ SPEC = {
 }
 
 
-def test_part_round_trip_counts_and_name(tmp_path):
+def _plan(out: OutputDir, uris: list[str], rows_per_shard: int) -> Plan:
+    """Write ``uris`` (sorted) as the plan and SPEC with it, as a first start does."""
+    plan = write_plan(out, [uris], rows_per_shard)
+    out.put_json(SPEC_NAME, {**SPEC, **plan.to_spec()})
+    return plan
+
+
+def _batch(uris: list[str], shard: int, size: int, **kw) -> pa.Table:
+    """encode_rows' output for ``uris`` of shard ``shard`` (of ``size`` rows)."""
+    table = rows(uris, **kw)
+    n = table.num_rows
+    table = table.append_column("shard", pa.array([shard] * n, pa.int64()))
+    return table.append_column("shard_rows", pa.array([size] * n, pa.int64()))
+
+
+def _write(out: OutputDir, batch: pa.Table, rows_per_shard: int, attempt: str = "a1") -> list:
+    return write_parts(
+        batch,
+        output_uri=out.uri,
+        output_options=out.options,
+        rows_per_shard=rows_per_shard,
+        attempt=attempt,
+    ).to_pylist()
+
+
+def _lock(out: OutputDir, attempt: str = "a1") -> None:
+    out.put_json(LOCK_NAME, {"run_id": "r1", "attempt": attempt, "host": "h"})
+
+
+def test_plan_is_shard_files_of_sorted_unique_keys(tmp_path):
     out = OutputDir(str(tmp_path / "out"))
-    part = encode_part(rows(["/in/b.png", "/in/a.png", "/in/c.png"], errors={"/in/c.png"}))
-    assert part["name"] == part_name(["/in/a.png", "/in/b.png", "/in/c.png"])  # order-free
-    assert (part["rows"], part["ok"], part["error"], part["instances"]) == (3, 2, 1, 4)
-    out.write_part(part["name"], part["data"])
-    assert out.part_names() == [part["name"]]
-    uris, counts = out.read_part_uris_and_counts(out.part_names())
-    assert uris[part["name"]] == ["/in/b.png", "/in/a.png", "/in/c.png"]
-    assert counts[part["name"]] == {"rows": 3, "ok": 2, "error": 1, "instances": 4}
-    assert list(tmp_path.joinpath("out").iterdir()) == [tmp_path / "out" / part["name"]]
-
-
-def _state(out: OutputDir, plan: list[str]) -> None:
-    out.write_plan(plan)
-    out.put_json(SPEC_NAME, SPEC)
-
-
-def test_finalize_writes_manifest_of_exactly_the_parts(tmp_path):
-    out = OutputDir(str(tmp_path / "out"))
-    plan = [f"/in/{i}.png" for i in range(5)]
-    _state(out, plan)
-    for chunk in (plan[:2], plan[2:]):
-        part = encode_part(rows(chunk, errors={"/in/4.png"}))
-        out.write_part(part["name"], part["data"])
-    manifest = finalize(out, SPEC, plan, {"versions": {}})
-    assert read_manifest(str(tmp_path / "out")) == manifest
-    assert manifest["files"] == out.part_names() and len(manifest["files"]) == 2
-    assert manifest["counts"] == {"images": 5, "ok": 4, "error": 1, "instances": 8}
-    assert not out.exists(PLAN_NAME) and not out.exists(SPEC_NAME)
+    uris = [f"/in/{i:03d}.png" for i in range(23)]
+    # Chunks of any size, as a listing yields them.
+    plan = write_plan(out, [uris[:3], [], uris[3:17], uris[17:]], 5)
+    assert (plan.images, plan.rows_per_shard, plan.shards) == (23, 5, 5)
+    assert [plan.rows(i) for i in range(5)] == [5, 5, 5, 5, 3]
+    assert plan.digest == plan_digest([uris])
+    names = sorted(p.name for p in (tmp_path / "out" / PLAN_DIR).iterdir())
+    assert names == [f"shard-{i:06d}.txt" for i in range(5)]
+    shards = [read_shard(out.fs, out.path(plan.shard_name(i))) for i in range(5)]
+    assert [u for shard in shards for u in shard] == uris
+    assert Plan.from_spec(plan.to_spec()) == plan
+    assert plan.shard_of_part("part-000004.parquet") == 4
+    for foreign in ("part-000005.parquet", "part-4.parquet", "part-0123abcd.parquet", "x"):
+        assert plan.shard_of_part(foreign) is None
 
 
 @pytest.mark.parametrize(
     "chunks, match",
     [
-        ((["/in/0.png", "/in/1.png"], ["/in/1.png", "/in/2.png"]), "in two parts"),
-        ((["/in/0.png", "/in/1.png"],), "1 URIs missing"),
-        ((["/in/0.png", "/in/1.png", "/in/2.png", "/in/9.png"],), "1 not in the plan"),
+        ([["/in/a.png", "/in/b.png"], ["/in/b.png"]], "comes twice"),
+        ([["/in/b.png", "/in/a.png"]], "out of order"),
+        ([["/in/a.png", "/in/c.png"], ["/in/b.png"]], "out of order"),
     ],
 )
-def test_finalize_refuses_doubled_missing_or_foreign_uris(tmp_path, chunks, match):
+def test_plan_refuses_keys_that_would_overlap_shards(tmp_path, chunks, match):
+    with pytest.raises(ValueError, match=match):
+        write_plan(OutputDir(str(tmp_path / "out")), chunks, 1)
+
+
+def test_plan_of_urls_with_secrets_is_made_from_keys(tmp_path):
+    signed = "https://h.example/img/a.jpg?X-Amz-Signature=abc"
+    with pytest.raises(SecretsInInput):
+        write_plan(OutputDir(str(tmp_path / "out")), [["https://h.example/img/0.jpg", signed]], 1)
+    for uri in (
+        "/local/a.png",
+        "s3://bucket/a/b.png",
+        "s3://Bucket/a.png",
+        "https://user:pw@h/a.png",
+        "https://h/a.png#frag",
+        "gs://b/a%20b.png",
+        "https://h:8080/a.png",
+        signed,
+    ):
+        assert is_plain(uri) == (redact(uri) == uri), uri
+
+
+def test_part_bytes_are_a_function_of_the_rows_only(tmp_path):
+    a = ["/in/a.png", "/in/b.png", "/in/c.png"]
+    data, counts = encode_part(rows(a, errors={"/in/c.png"}))
+    # Another order, and a row twice (a retried batch): the same bytes.
+    again, _ = encode_part(rows(a[::-1] + a[:1], errors={"/in/c.png"}))
+    assert again == data
+    assert counts == {"rows": 3, "ok": 2, "error": 1, "instances": 4}
     out = OutputDir(str(tmp_path / "out"))
-    plan = ["/in/0.png", "/in/1.png", "/in/2.png"]
-    _state(out, plan)
-    for chunk in chunks:
-        part = encode_part(rows(chunk))
-        out.write_part(part["name"], part["data"])
+    out.put_bytes("part-000000.parquet", data)
+    assert read_counts(out, "part-000000.parquet") == counts
+
+
+def test_a_whole_shard_is_its_part_and_a_split_one_is_joined_to_the_same_bytes(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    uris = [f"/in/{i}.png" for i in range(6)]
+    plan = _plan(out, uris, 3)
+    _lock(out)
+    # Shard 0 whole in one batch; shard 1 split over two batches, one row in both (the
+    # same rows twice: a duplicated task).
+    records = _write(out, pa.concat_tables([_batch(uris[:3], 0, 3), _batch(uris[3:4], 1, 3)]), 3)
+    records += _write(out, _batch(uris[3:6], 1, 3, errors={"/in/5.png"})[1:], 3)
+    assert [(r["shard"], r["rows"], r["whole"]) for r in records] == [
+        (0, 3, True),
+        (1, 1, False),
+        (1, 2, False),
+    ]
+    assert out.part_names() == ["part-000000.parquet"]
+    assert len(list((tmp_path / "out" / piece_dir(1)).iterdir())) == 2
+    joined = assemble_part(out.uri, None, 3, "a1", 1, 3)
+    assert joined == {
+        "shard": 1,
+        "rows": 3,
+        "ok": 2,
+        "error": 1,
+        "instances": 4,
+        "missing": 0,
+        "lost": None,
+    }
+    assert not (tmp_path / "out" / piece_dir(1)).exists()
+    whole, _ = encode_part(_batch(uris[3:6], 1, 3, errors={"/in/5.png"}))
+    assert (tmp_path / "out" / plan.part_name(1)).read_bytes() == whole
+    # The same shard written again, whole (a duplicated task): the same object, once.
+    _write(out, _batch(uris[3:6], 1, 3, errors={"/in/5.png"}), 3)
+    assert (tmp_path / "out" / plan.part_name(1)).read_bytes() == whole
+    manifest = finalize(out, {**SPEC, **plan.to_spec()}, plan, {})
+    assert manifest["files"] == ["part-000000.parquet", "part-000001.parquet"]
+    assert manifest["counts"] == {"images": 6, "ok": 5, "error": 1, "instances": 10}
+
+
+def test_assembly_writes_nothing_while_rows_are_missing(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    uris = [f"/in/{i}.png" for i in range(3)]
+    _plan(out, uris, 3)
+    _lock(out)
+    _write(out, _batch(uris[:2], 0, 3), 3)
+    assert assemble_part(out.uri, None, 3, "a1", 0, 3)["missing"] == 1
+    assert out.part_names() == []
+
+
+def test_a_task_of_a_run_that_lost_the_lease_writes_nothing(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    uris = [f"/in/{i}.png" for i in range(4)]
+    _plan(out, uris, 2)
+    _lock(out, attempt="intruder")
+    records = _write(out, pa.concat_tables([_batch(uris[:2], 0, 2), _batch(uris[2:3], 1, 2)]), 2)
+    assert {r["lost"] for r in records} == {"run r1 (host h) took over"}
+    assert assemble_part(out.uri, None, 2, "a1", 1, 2)["lost"] == "run r1 (host h) took over"
+    assert out.part_names() == [] and not (tmp_path / "out" / piece_dir(1)).exists()
+
+
+def test_finalize_writes_manifest_of_exactly_the_parts(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    uris = [f"/in/{i}.png" for i in range(5)]
+    plan = _plan(out, uris, 2)
+    _lock(out)
+    for shard in range(3):
+        chunk = uris[2 * shard : 2 * shard + 2]
+        _write(out, _batch(chunk, shard, len(chunk), errors={"/in/4.png"}), 2)
+    manifest = finalize(out, SPEC, plan, {"versions": {}})
+    assert read_manifest(str(tmp_path / "out")) == manifest
+    assert manifest["files"] == out.part_names() and len(manifest["files"]) == 3
+    assert manifest["counts"] == {"images": 5, "ok": 4, "error": 1, "instances": 8}
+    assert not out.exists(SPEC_NAME)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ("missing", "1 of 3 parts are missing"),
+        ("foreign", "1 part.s. are not of this run's plan .first: part-000003.parquet"),
+        ("old-style", "not of this run's plan .first: part-0a1b2c3d4e5f60718293.parquet"),
+        ("short", "part-000001.parquet holds 1 rows, its shard 2"),
+    ],
+)
+def test_finalize_refuses_a_missing_foreign_or_short_part(tmp_path, extra, match):
+    out = OutputDir(str(tmp_path / "out"))
+    uris = [f"/in/{i}.png" for i in range(6)]
+    plan = _plan(out, uris, 2)
+    _lock(out)
+    for shard in range(3):
+        if extra == "missing" and shard == 2:
+            continue
+        chunk = uris[2 * shard : 2 * shard + 2]
+        if extra == "short" and shard == 1:
+            chunk = chunk[:1]
+        _write(out, _batch(chunk, shard, len(chunk)), 2)
+    if extra in ("foreign", "old-style"):
+        data, _ = encode_part(rows(["/in/9.png"]))
+        name = "part-000003.parquet" if extra == "foreign" else "part-0a1b2c3d4e5f60718293.parquet"
+        out.put_bytes(name, data)
     with pytest.raises(RuntimeError, match=match):
         finalize(out, SPEC, plan, {})
-    assert not out.exists(MANIFEST_NAME) and out.exists(PLAN_NAME)
+    assert not out.exists(MANIFEST_NAME) and out.exists(SPEC_NAME)
 
 
 def test_s3_output_atomic_writes_and_clear(s3_server, s3_bucket):
     out = OutputDir(f"s3://{s3_bucket}/out", s3_server["storage_options"])
-    plan = ["s3://b/in/0.png", "s3://b/in/1.png"]
-    _state(out, plan)
-    part = encode_part(rows(plan))
-    out.write_part(part["name"], part["data"])
-    assert out.read_json(SPEC_NAME) == SPEC and out.read_plan() == plan
+    uris = ["s3://b/in/0.png", "s3://b/in/1.png", "s3://b/in/2.png"]
+    plan = _plan(out, uris, 2)
+    _lock(out)
+    _write(out, _batch(uris[:2], 0, 2), 2)
+    _write(out, _batch(uris[2:], 1, 1), 2)
+    assert read_shard(out.fs, out.path(plan.shard_name(1))) == uris[2:]
     finalize(out, SPEC, plan, {})
-    assert out.exists(MANIFEST_NAME) and out.part_names() == [part["name"]]
+    assert out.exists(MANIFEST_NAME) and out.part_names() == [
+        "part-000000.parquet",
+        "part-000001.parquet",
+    ]
     out.clear()
     assert not out.exists(MANIFEST_NAME) and out.part_names() == []
+    assert not out.fs.exists(out.path(PLAN_DIR))
 
 
 def _write_lock(out: OutputDir, **fields) -> None:

@@ -3,43 +3,44 @@
 Layout of an OUTPUT (any fsspec URI)::
 
     OUTPUT/_manifest.json          commit point, written last (pipeline/output/schema.py)
-    OUTPUT/part-<hash>.parquet     committed parts: rows in SCHEMA, disjoint URI sets
-    OUTPUT/_run/run.json           the unfinished run's spec: model id, options, INPUT
-    OUTPUT/_run/plan.parquet       its sorted, unique input URIs (frozen at first start)
+    OUTPUT/part-<shard>.parquet    committed parts: the rows of one plan shard each
+    OUTPUT/_run/run.json           the unfinished run's spec: model id, options, INPUT, plan size
+    OUTPUT/_run/plan/shard-*.txt   its sorted, unique image keys in shards (pipeline/segment/plan.py)
+    OUTPUT/_run/pieces/<shard>/    rows of a shard written in more than one batch, until joined
     OUTPUT/_run/lock.json          the lease of the run writing now (pipeline/segment/lease.py)
 
 Protocol:
 
-1. First start: list INPUT once and write the plan, then the spec. A re-run of
-   the same command reads them back instead of listing again: the images a run
-   covers are fixed when it starts. A re-run whose model, INPUT, score
+1. First start: list INPUT once, streaming it into the plan's shard files, then write the
+   spec. A re-run of the same command reads the spec back instead of listing again: the
+   images a run covers are fixed when it starts. A re-run whose model, INPUT, score
    threshold, max detections or fast mode differ is refused unless --overwrite.
-2. Resume: the URIs already committed are the ``uri`` column of the
-   ``part-*.parquet`` files in OUTPUT; only the rest of the plan is processed.
-3. Ray tasks encode each part (up to --rows-per-part images) to Parquet bytes,
-   counts in the footer. The driver receives every part exactly once (Ray
-   Data delivers each output block once, also when a task or actor is retried
-   after a crash) and writes it as ``part-<hash of its URIs>.parquet`` in one
-   atomic step: one PUT on an object store (S3 shows a whole object or none),
-   a temp file + rename on a local disk. So a part is in OUTPUT whole or not at
-   all, and only parts the driver accepted are there. A driver killed before
-   writing a part loses only that part's work, which a re-run redoes.
-4. Finish: read the ``uri`` column of every part, check the URIs are unique and
-   equal the plan, write ``_manifest.json`` listing exactly those parts (the
-   same atomic write), then delete ``_run/``. Readers trust only the manifest.
-5. One writer at a time: the lease (pipeline/segment/lease.py) refuses a second run
-   while the first is alive; a run that loses its lease stops before writing
-   another part, and step 4 refuses to commit a doubled URI whatever happened.
+2. A shard is the unit of work, commit and resume. Ray tasks read it, process it, and
+   write its part ``part-<shard>.parquet`` themselves (pipeline/segment/parts.py), in
+   one atomic step: one PUT on an object store (S3 shows a whole object or none), a temp
+   file + rename on a local disk. A part's name is fixed by the plan and its bytes by its
+   rows, so a retried or duplicated task writes the same object again. The driver learns
+   of it from a small record (shard, counts), never from its bytes.
+3. Resume: the shards done are the names of the ``part-*.parquet`` files in OUTPUT; only
+   the other shards are processed. A run killed after a task wrote a part but before the
+   driver heard of it loses nothing: the re-run finds the part by its name.
+4. Finish: list the parts; every shard of the plan must have its part and no other part
+   may be there; each part's row count (from its Parquet footer) must equal its shard's
+   and its counts add up; then write ``_manifest.json`` listing exactly those parts (the
+   same atomic write) and delete ``_run/``. Readers trust only the manifest. URIs are
+   unique across parts because the plan's shards are disjoint (checked as the plan is
+   written) and a part holds exactly its shard's rows (checked where it is written).
+5. One writer at a time: the lease (pipeline/segment/lease.py) refuses a second run while
+   the first is alive; a run that loses its lease stops: its tasks read the lock before
+   each write and write nothing once it is another run's.
 
-Why not Ray Data's own checkpointing (ray.data.checkpoint in 2.60): it records
-ids after its writes, apart from the data files, so a crash between the two
-leaves rows that are written again; here writing a whole part is the single
-step that records progress.
+Why not Ray Data's own checkpointing (ray.data.checkpoint in 2.60): it records ids after
+its writes, apart from the data files, so a crash between the two leaves rows that are
+written again; here writing a whole part is the single step that records progress.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -49,17 +50,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.output.schema import FORMAT, MANIFEST_NAME, SCHEMA
+from pipeline.segment.plan import PART_PREFIX, Plan
 from pipeline.storage import atomic_write, get_fs, join, protocol_of, redact, retrying
 
 RUN_DIR = "_run"
 SPEC_NAME = f"{RUN_DIR}/run.json"
-PLAN_NAME = f"{RUN_DIR}/plan.parquet"
 LOCK_NAME = f"{RUN_DIR}/lock.json"
-PART_PREFIX = "part-"
 COUNTS_KEY = "maskrcnn.counts"
+FOOTER_THREADS = 16
 
 
 class OutputStateError(ValueError):
@@ -110,10 +112,6 @@ class OutputDir:
         """Write ``data`` so that readers see all of it or nothing (storage.atomic_write)."""
         atomic_write(join(self.uri, rel), data, self.options)
 
-    def write_part(self, name: str, data: bytes) -> None:
-        """Commit one part (bytes from :func:`encode_part`) as ``OUTPUT/name``, atomically."""
-        self.put_bytes(name, data)
-
     def put_json(self, rel: str, value: dict[str, Any]) -> None:
         self.put_bytes(rel, json.dumps(value, indent=1, sort_keys=True).encode())
 
@@ -128,16 +126,6 @@ class OutputDir:
         except FileNotFoundError:
             pass
 
-    # --- plan and spec -------------------------------------------------------------
-    def write_plan(self, uris: list[str]) -> None:
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"uri": pa.array(uris, pa.string())}), buf, compression="zstd")
-        self.put_bytes(PLAN_NAME, buf.getvalue())
-
-    def read_plan(self) -> list[str]:
-        data = retrying(self.fs.cat_file, self.path(PLAN_NAME), what=f"reading {PLAN_NAME}")
-        return pq.read_table(io.BytesIO(data)).column("uri").to_pylist()
-
     # --- parts -----------------------------------------------------------------------
     def part_names(self) -> list[str]:
         """Names of the committed parts (``part-*.parquet`` directly under OUTPUT)."""
@@ -148,35 +136,6 @@ class OutputDir:
             return []
         names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
         return sorted(n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
-
-    def read_part_uris_and_counts(
-        self, names: list[str]
-    ) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
-        """({name: uris}, {name: counts}) for committed parts, read in parallel."""
-
-        def one(name: str) -> tuple[list[str], dict[str, int]]:
-            def read() -> tuple[list[str], dict[str, int]]:
-                with self.fs.open(self.path(name), "rb") as f:
-                    parquet = pq.ParquetFile(f)
-                    meta = parquet.metadata.metadata or {}
-                    counts = json.loads(meta.get(COUNTS_KEY.encode(), b"{}"))
-                    uris = parquet.read(columns=["uri"]).column("uri").to_pylist()
-                return uris, counts
-
-            return retrying(read, what=f"reading {self.show(name)}")
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            results = list(pool.map(one, names))
-        return (
-            {n: r[0] for n, r in zip(names, results)},
-            {n: r[1] for n, r in zip(names, results)},
-        )
-
-    def committed_uris(self) -> list[str]:
-        """Every URI the committed parts hold, part by part (a doubled URI shows twice)."""
-        names = self.part_names()
-        uris_by_part, _ = self.read_part_uris_and_counts(names)
-        return [u for n in names for u in uris_by_part[n]]
 
     def remove_empty_run_dir(self) -> None:
         """Remove ``_run/`` when it holds nothing, and OUTPUT too if this run made it empty."""
@@ -199,37 +158,62 @@ class OutputDir:
         self.remove(MANIFEST_NAME)
         for name in self.part_names():
             self.remove(name)
-        for rel in (SPEC_NAME, PLAN_NAME):
-            self.remove(rel)
+        self.remove(SPEC_NAME)
+        self.remove(f"{RUN_DIR}/plan", recursive=True)
+        self.remove(f"{RUN_DIR}/pieces", recursive=True)
         self.remove_temporaries()
 
 
-def part_name(uris: list[str]) -> str:
-    """``part-<hash>.parquet``, a function of the URIs the part holds."""
-    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()
-    return f"{PART_PREFIX}{digest[:20]}.parquet"
-
-
 def part_counts(table: pa.Table) -> dict[str, int]:
-    import pyarrow.compute as pc
-
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
     instances = int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0)
     return {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "instances": instances}
 
 
-def encode_part(table: pa.Table) -> dict[str, Any]:
-    """Rows (SCHEMA) -> one Parquet part: {"name", "data" (the file's bytes), counts...}.
+def canonical_rows(table: pa.Table) -> pa.Table:
+    """``table``'s rows in SCHEMA, sorted by URI, each URI once (the first of equal ones)."""
+    table = table.select(SCHEMA.names).cast(SCHEMA)
+    order = pc.sort_indices(table, sort_keys=[("uri", "ascending")])
+    table = table.take(order)
+    uris = table.column("uri")
+    if table.num_rows > 1:
+        first = pa.concat_arrays(
+            [
+                pa.array([True]),
+                pc.not_equal(uris.slice(1), uris.slice(0, table.num_rows - 1)).combine_chunks(),
+            ]
+        )
+        table = table.filter(first)
+    return table
 
-    Runs in Ray tasks; the driver writes the bytes (see the module doc).
-    """
-    table = table.cast(SCHEMA)
+
+def encode_part(table: pa.Table) -> tuple[bytes, dict[str, int]]:
+    """Rows -> (Parquet bytes, counts). The bytes depend on the rows only (see module doc)."""
+    table = canonical_rows(table)
     counts = part_counts(table)
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, SCHEMA, compression="zstd") as writer:
         writer.write_table(table)
-        writer.add_key_value_metadata({COUNTS_KEY: json.dumps(counts)})
-    return {"name": part_name(table.column("uri").to_pylist()), "data": buf.getvalue(), **counts}
+        writer.add_key_value_metadata({COUNTS_KEY: json.dumps(counts, sort_keys=True)})
+    return buf.getvalue(), counts
+
+
+def read_counts(out: OutputDir, name: str) -> dict[str, int]:
+    """A part's counts from its footer alone: rows from the Parquet metadata, the rest from
+    the key-value metadata encode_part writes. Raises ValueError when they disagree."""
+
+    def read() -> dict[str, int]:
+        with out.fs.open(out.path(name), "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        counts = json.loads((meta.metadata or {}).get(COUNTS_KEY.encode(), b"{}"))
+        if counts.get("rows") != meta.num_rows:
+            raise ValueError(
+                f"{out.show(name)}: its footer counts {counts.get('rows')} rows, the file "
+                f"holds {meta.num_rows}; re-run with --overwrite"
+            )
+        return {k: int(counts.get(k, 0)) for k in ("rows", "ok", "error", "instances")}
+
+    return retrying(read, what=f"reading {out.show(name)}")
 
 
 def spec_mismatches(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -246,19 +230,40 @@ def spec_mismatches(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def finalize(
-    out: OutputDir, spec: dict[str, Any], plan: list[str], extra: dict[str, Any]
+    out: OutputDir, spec: dict[str, Any], plan: Plan, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """Check the committed parts against the plan, write the manifest, remove _run/.
 
-    Raises RuntimeError (nothing committed) when a URI is doubled or missing.
+    Reads each part's footer only (:func:`read_counts`), on threads. Raises RuntimeError
+    (nothing committed) when a shard's part is missing, a part is not the plan's, or a
+    part's rows are not its shard's count.
     """
     names = out.part_names()
-    uris_by_part, counts_by_part = out.read_part_uris_and_counts(names)
-    _check_against_plan(out, [u for n in names for u in uris_by_part[n]], plan)
-    counts = {"images": len(plan), "ok": 0, "error": 0, "instances": 0}
-    for c in counts_by_part.values():
+    shards = {name: plan.shard_of_part(name) for name in names}
+    foreign = sorted(name for name, shard in shards.items() if shard is None)
+    if foreign:
+        raise RuntimeError(
+            f"{out.show()}: {len(foreign)} part(s) are not of this run's plan (first: "
+            f"{foreign[0]}; did two runs write it at once?); not committing. Re-run with "
+            "--overwrite"
+        )
+    missing = plan.shards - len(names)
+    if missing:
+        raise RuntimeError(
+            f"{out.show()}: {missing} of {plan.shards} parts are missing; not committing. "
+            "Re-run the same command"
+        )
+    with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
+        footers = list(pool.map(lambda name: read_counts(out, name), names))
+    counts = {"images": plan.images, "ok": 0, "error": 0, "instances": 0}
+    for name, footer in zip(names, footers):
+        if footer["rows"] != plan.rows(shards[name]):
+            raise RuntimeError(
+                f"{out.show(name)} holds {footer['rows']} rows, its shard "
+                f"{plan.rows(shards[name])}; not committing. Re-run with --overwrite"
+            )
         for key in ("ok", "error", "instances"):
-            counts[key] += int(c.get(key, 0))
+            counts[key] += footer[key]
     if counts["ok"] + counts["error"] != counts["images"]:
         raise RuntimeError(f"{out.show()}: part counts do not add up ({counts}); not committing")
     manifest = {
@@ -277,22 +282,5 @@ def finalize(
     }
     out.put_json(MANIFEST_NAME, manifest)
     out.remove_temporaries()
-    out.remove(PLAN_NAME)
     out.remove(SPEC_NAME)
     return manifest
-
-
-def _check_against_plan(out: OutputDir, uris: list[str], plan: list[str]) -> None:
-    """Raise RuntimeError unless the parts' ``uris`` are the plan, each once."""
-    if len(uris) != len(set(uris)):
-        raise RuntimeError(
-            f"{out.show()}: some URIs are in two parts (did two runs write it at once?); "
-            "not committing. Re-run with --overwrite"
-        )
-    if sorted(uris) != plan:
-        missing = len(set(plan) - set(uris))
-        extra_uris = len(set(uris) - set(plan))
-        raise RuntimeError(
-            f"{out.show()}: parts do not match the plan ({missing} URIs missing, "
-            f"{extra_uris} not in the plan); not committing. Re-run the same command"
-        )

@@ -2,19 +2,21 @@
 
 The data flow reads like the sentence it is::
 
-    plan (listed URIs) -> read bytes + decode + resize (CPU tasks)
+    plan (shard files of listed URIs) -> read a shard's URIs (CPU tasks)
+      -> read bytes + decode + resize (CPU tasks)
       -> Segmenter (model actors, one model load each, batched predict)
-      -> paste masks + RLE encode (CPU tasks) -> Parquet parts (CPU tasks)
-      -> the driver writes each part it receives, atomically -> manifest
+      -> paste masks + RLE encode (CPU tasks) -> each shard's Parquet part, written by
+         the task that finishes it -> manifest
 
 and so does :func:`segment`: check INPUT, load the model, open the run
-(:class:`SegmentRun`: resume or plan), execute it (the Ray Data pipeline, each
-part committed as it arrives), finish it (the manifest).
+(:class:`SegmentRun`: resume or plan), execute it (the Ray Data pipeline; the driver
+hears of each part in a small record), finish it (the manifest).
 
-Exactly once and resume follow the protocol in pipeline/segment/commit.py: a part
-file appears in OUTPUT only as a whole, only the driver puts it there, a
-re-run skips the URIs already in parts, and the manifest written last lists
-exactly the parts, checked to hold every planned URI once.
+Exactly once and resume follow the protocol in pipeline/segment/commit.py: a shard's
+part appears in OUTPUT only as a whole, under a name the plan fixes; a re-run skips the
+shards whose parts are there; the manifest, written last, lists exactly one part per
+shard, each checked against its shard's count. The driver holds shard numbers and
+counts, never URIs or rows.
 """
 
 from __future__ import annotations
@@ -31,21 +33,21 @@ from typing import TYPE_CHECKING, Any
 from pipeline.cluster import init_ray, launching, node_shapes, wait_interval
 from pipeline.output.schema import MANIFEST_NAME
 from pipeline.segment.commit import (
-    PLAN_NAME,
     RUN_DIR,
     SPEC_NAME,
     OutputDir,
     OutputStateError,
-    encode_part,
     finalize,
     now_iso,
     spec_mismatches,
 )
-from pipeline.segment.inputs import list_inputs
+from pipeline.segment.inputs import CHUNK, InputListing, list_inputs
 from pipeline.segment.lease import Lease
 from pipeline.segment.model_source import ModelSource, load_model
+from pipeline.segment.plan import PLAN_DIR, Plan, SecretsInInput, chunked, plan_digest, write_plan
 from pipeline.segment.resources import actor_plan
 from pipeline.segment.resources import check as check_plan
+from pipeline.segment.tracker import ShardTracker
 from pipeline.segment.watchdog import Watchdog
 from pipeline.storage import get_fs, redact
 
@@ -106,15 +108,16 @@ def segment(
     _check_options(opts)
     out = OutputDir(output_uri, opts.output_options)
     # INPUT first: a typo in it fails in a moment, before the model is read and Ray starts.
-    listed = _list_if_planning(out, input_uri, opts)
+    listing = _listing_if_planning(out, input_uri, opts)
     model, model_bytes = load_model(source, opts.model_options)
     spec = _new_spec(model, source, input_uri, opts)
     run = SegmentRun(out, input_uri, spec, model.cfg, model_bytes, opts, log or _to_stderr)
     if not opts.overwrite and (summary := run.already_complete()) is not None:
         return summary
     with run.leased():
-        run.open(listed)
-        init_ray(opts.ray_address, run.log, "segment")
+        start_ray = lambda: init_ray(opts.ray_address, run.log, "segment")  # noqa: E731
+        run.open(listing, start_ray)
+        start_ray()
         summary = run.finish(run.execute())
     out.remove(RUN_DIR, recursive=True)
     return summary
@@ -139,11 +142,12 @@ class SegmentRun:
     """One run of segment into OUTPUT: its spec, plan, lease, and the model to ship.
 
     ``spec`` is this invocation's until :meth:`open` finds an unfinished run to
-    resume, then that run's. ``plan`` holds each image's key: its URI redacted
-    (pipeline.storage.redact), which is also the ``uri`` column, so that
-    signed-URL parameters are never stored. ``sources`` maps key -> the URI to
-    read when the two differ (None when no URI carried secrets); on resume it
-    comes from listing INPUT again.
+    resume, then that run's. ``plan`` says how many images there are and how they are
+    sharded (pipeline/segment/plan.py): the driver holds no URI. An image's key is its URI
+    redacted (pipeline.storage.redact), which is also the ``uri`` column, so that
+    signed-URL parameters are never stored; ``sources`` maps key -> the URI to read for an
+    INPUT whose URIs carry secrets (None otherwise). Such an INPUT is held in memory, and
+    listed again on resume, since its URIs may not be written to OUTPUT.
     """
 
     out: OutputDir
@@ -153,7 +157,7 @@ class SegmentRun:
     model_bytes: bytes  # safetensors, what each model actor builds its model from
     opts: SegmentOptions
     log: Callable[[str], None]
-    plan: list[str] = field(default_factory=list)
+    plan: Plan | None = None
     sources: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
@@ -188,95 +192,117 @@ class SegmentRun:
             self.out.remove_empty_run_dir()
 
     # --- under the lease ----------------------------------------------------------
-    def open(self, listed: list[str] | None) -> None:
+    def open(self, listing: InputListing | None, start_ray: Callable[[], Any]) -> None:
         """Clear OUTPUT (--overwrite), then resume the unfinished run there or plan anew.
 
-        ``listed``: INPUT's URIs when listed already; listed now when needed and None.
+        ``listing``: INPUT's listing when begun already, else begun here when needed;
+        ``start_ray`` is called before a listing that fans out over Ray tasks.
         """
         if self.opts.overwrite:
             self.out.clear()
         old = self.out.read_json(SPEC_NAME)
-        if old is not None and self.out.exists(PLAN_NAME):
-            self._resume(old, listed)
+        if old is not None:
+            self._resume(old)
         else:
-            self._plan(listed)
+            self._plan(
+                listing or InputListing.begin(self.input_uri, self.opts.input_options), start_ray
+            )
 
-    def _resume(self, old: dict[str, Any], listed: list[str] | None) -> None:
+    def _resume(self, old: dict[str, Any]) -> None:
         self._refuse_another(
             old,
             "holds an unfinished run",
             "re-run that command to finish it, or pass --overwrite",
         )
-        plan = self.out.read_plan()
+        plan = Plan.from_spec(old)
+        if plan is None:
+            raise OutputStateError(
+                f"OUTPUT {self.out.show()} holds an unfinished run of an earlier version of "
+                "maskrcnn, whose state this one does not read; pass --overwrite to redo it"
+            )
         sources = None
         if old.get("sources_redacted"):
-            sources = _sources(self._listing(listed))
-            if set(sources) != set(plan):
+            sources = _sources(list_inputs(self.input_uri, self.opts.input_options))
+            if plan_digest(chunked(sorted(sources), CHUNK)) != plan.digest:
                 raise OutputStateError(
                     f"INPUT {redact(self.input_uri)} now lists other images than when the run "
                     f"in {self.out.show()} started; restore it, or pass --overwrite"
                 )
         self.log(
             f"segment: resuming run {old['run_id']} in {self.out.show()} "
-            f"({len(plan)} images planned)"
+            f"({plan.images} images planned)"
         )
         self.spec, self.plan, self.sources = old, plan, sources
 
-    def _plan(self, listed: list[str] | None) -> None:
+    def _plan(self, listing: InputListing, start_ray: Callable[[], Any]) -> None:
         if self.out.part_names():
             raise OutputStateError(
                 f"OUTPUT {self.out.show()} holds part files but no run state; pass --overwrite "
                 "to replace them"
             )
-        sources = _sources(self._listing(listed))
-        self.plan = sorted(sources)
-        self.out.write_plan(self.plan)
-        redacted = any(key != uri for key, uri in sources.items())
-        self.spec = {**self.spec, "images": len(self.plan), "sources_redacted": redacted}
+        self.out.remove(PLAN_DIR, recursive=True)  # shards of a start killed while planning
+        if listing.fans_out:
+            start_ray()
+        rows, sources = self.opts.rows_per_part, None
+        try:
+            try:
+                plan = write_plan(self.out, listing.chunks(), rows)
+            except SecretsInInput:  # keys differ from URIs: sorted by key, in memory
+                sources = _sources(list_inputs(self.input_uri, self.opts.input_options))
+                self.out.remove(PLAN_DIR, recursive=True)
+                plan = write_plan(
+                    self.out, chunked(sorted(sources), CHUNK), rows, check_plain=False
+                )
+        except BaseException:
+            self.out.remove(PLAN_DIR, recursive=True)
+            raise
+        self.spec = {**self.spec, **plan.to_spec(), "sources_redacted": sources is not None}
         self.out.put_json(SPEC_NAME, self.spec)  # after the plan: a spec always has its plan
-        self.sources = sources if redacted else None
+        self.plan, self.sources = plan, sources
 
-    def pending(self) -> list[str]:
-        """The planned URIs no committed part holds yet, in plan order."""
-        done = set(self.out.committed_uris())
-        if not done <= set(self.plan):
-            raise OutputStateError(
-                f"OUTPUT {self.out.show()} holds parts with URIs outside its plan; pass --overwrite"
-            )
-        pending = [u for u in self.plan if u not in done]
+    def pending(self) -> list[int]:
+        """The plan's shards no committed part holds yet, in order.
+
+        Raises OutputStateError when OUTPUT holds a part that is not of the plan.
+        """
+        plan = self.plan
+        done: set[int] = set()
+        for name in self.out.part_names():
+            shard = plan.shard_of_part(name)
+            if shard is None:
+                raise OutputStateError(
+                    f"OUTPUT {self.out.show()} holds {name}, which is not a part of its run's "
+                    "plan; pass --overwrite"
+                )
+            done.add(shard)
+        pending = [i for i in range(plan.shards) if i not in done]
         if done:
+            images_done = sum(plan.rows(i) for i in done)
             self.log(
-                f"segment: {len(done)} of {len(self.plan)} images already committed; "
-                f"{len(pending)} to go"
+                f"segment: {images_done} of {plan.images} images already committed; "
+                f"{plan.images - images_done} to go"
             )
         return pending
 
     def execute(self) -> dict[str, Any]:
-        """Run the pipeline over :meth:`pending`, committing each part as it arrives.
+        """Run the pipeline over the :meth:`pending` shards; their parts are written by the
+        pipeline's tasks, and the driver hears of each in a record (ShardTracker).
 
         Returns this run's counts: rows, ok, error, instances, parts, seconds, and
         first_part_s / first_part_rows when a part came out.
         """
         pending = self.pending()
         started = time.monotonic()
-        processed: dict[str, Any] = {"rows": 0, "ok": 0, "error": 0, "instances": 0, "parts": 0}
+        tracker = ShardTracker(self.out, self.plan, self.lease, started)
         if pending:
             dataset = self.dataset(pending)
             interval = self.opts.wait_interval or wait_interval()
             watchdog = Watchdog(self.log, self.opts.stall_timeout, interval)
             with watchdog.watching():
                 for record in dataset.iter_rows():
-                    self.lease.check()  # never write a part after another run took OUTPUT over
-                    self.out.write_part(record["name"], record["data"])
-                    watchdog.progress(int(record["rows"]))
-                    processed["parts"] += 1
-                    if processed["parts"] == 1:  # startup (actors, first batches) shows here
-                        processed["first_part_s"] = time.monotonic() - started
-                        processed["first_part_rows"] = int(record["rows"])
-                    for key in ("rows", "ok", "error", "instances"):
-                        processed[key] += int(record[key])
-        processed["seconds"] = time.monotonic() - started
-        return processed
+                    watchdog.progress(tracker.add(record))
+                tracker.wait()
+        return {**tracker.processed, "seconds": time.monotonic() - started}
 
     def finish(self, processed: dict[str, Any]) -> dict[str, Any]:
         """Write the manifest (commit.finalize) while the lease is still ours; the summary."""
@@ -308,17 +334,28 @@ class SegmentRun:
         per_block = max(1, min(256, math.ceil(pending / (4 * cpus_total))))
         return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
 
-    def dataset(self, pending: list[str]) -> Any:
-        """The Ray Data pipeline over ``pending`` URIs; yields one record per Parquet part."""
+    def dataset(self, pending: list[int]) -> Any:
+        """The Ray Data pipeline over the ``pending`` shards; yields one record per shard a
+        batch of its last stage held (pipeline.segment.parts.RECORD)."""
         import ray
 
+        from pipeline.segment.parts import expand_shards, write_parts
         from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
 
-        res, opts, cfg = self.resources(len(pending)), self.opts, self.cfg
-        blocks = self._blocks(pending, res.rows_per_block)
+        plan, opts, cfg = self.plan, self.opts, self.cfg
+        res = self.resources(sum(plan.rows(i) for i in pending))
+        where = {"output_uri": self.out.uri, "output_options": self.out.options}
+        sources = [ray.put(self.sources)] if self.sources is not None else None
         model_ref = ray.put(self.model_bytes)
         return (
-            ray.data.from_arrow(blocks)
+            ray.data.from_arrow(_ranges(plan, pending, res.rows_per_block))
+            .map_batches(
+                expand_shards,
+                batch_size=None,  # a block: one range of one shard
+                batch_format="pyarrow",
+                fn_kwargs={**where, "rows_per_shard": plan.rows_per_shard, "sources": sources},
+                num_cpus=res.part_cpus,
+            )
             .map_batches(
                 read_and_decode,
                 batch_size=max(1, min(opts.batch_size, res.rows_per_block)),
@@ -362,33 +399,19 @@ class SegmentRun:
                 num_cpus=res.encode_cpus,
             )
             .map_batches(
-                encode_part_batch,
-                batch_size=opts.rows_per_part,
+                write_parts,
+                batch_size=plan.rows_per_shard,
                 batch_format="pyarrow",
+                fn_kwargs={
+                    **where,
+                    "rows_per_shard": plan.rows_per_shard,
+                    "attempt": self.lease.attempt,
+                },
                 num_cpus=res.part_cpus,
             )
         )
 
-    def _blocks(self, pending: list[str], per_block: int) -> list[Any]:
-        """``pending`` as Arrow tables of ``per_block`` rows: ``uri`` (the key), ``source``."""
-        import pyarrow as pa
-
-        blocks = []
-        for i in range(0, len(pending), per_block):
-            keys = pending[i : i + per_block]
-            columns = {"uri": pa.array(keys, pa.string())}
-            if self.sources is not None:  # read from the full URI, store the key
-                columns["source"] = pa.array([self.sources[k] for k in keys], pa.string())
-            blocks.append(pa.table(columns))
-        return blocks
-
     # --- helpers ----------------------------------------------------------------------
-    def _listing(self, listed: list[str] | None) -> list[str]:
-        """INPUT's image URIs: ``listed`` when given, else listed now."""
-        if listed is not None:
-            return listed
-        return list_inputs(self.input_uri, self.opts.input_options)
-
     def _refuse_another(self, old: dict[str, Any], holds: str, advice: str) -> None:
         """Raise OutputStateError when ``old`` (a manifest or spec) decides rows otherwise."""
         diffs = spec_mismatches(old, self.spec)
@@ -396,13 +419,6 @@ class SegmentRun:
             raise OutputStateError(
                 f"OUTPUT {self.out.show()} {holds} with another {'; '.join(diffs)}; {advice}"
             )
-
-
-def encode_part_batch(batch: Any) -> Any:
-    """map_batches form of commit.encode_part: one Parquet part per batch, as a one-row table."""
-    import pyarrow as pa
-
-    return pa.Table.from_pylist([encode_part(batch)])
 
 
 def normalized_input(input_uri: str, options: dict[str, Any] | None) -> str:
@@ -424,18 +440,41 @@ def _to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _list_if_planning(out: OutputDir, input_uri: str, opts: SegmentOptions) -> list[str] | None:
-    """INPUT's image URIs (pipeline.segment.inputs.list_inputs) when this run will plan anew: with
-    --overwrite, or when OUTPUT holds neither a finished run nor a plan to resume. None
-    otherwise: those runs list INPUT only when SegmentRun.open needs it, as they always did.
+def _listing_if_planning(
+    out: OutputDir, input_uri: str, opts: SegmentOptions
+) -> InputListing | None:
+    """INPUT's listing, begun (inputs.InputListing.begin), when this run will plan anew:
+    with --overwrite, or when OUTPUT holds neither a finished run nor one to resume. None
+    otherwise: those runs list INPUT only when SegmentRun.open needs it.
 
     Raises what list_inputs raises (FileNotFoundError, ValueError, OSError naming INPUT).
     """
-    if not opts.overwrite and (
-        out.exists(MANIFEST_NAME) or (out.exists(SPEC_NAME) and out.exists(PLAN_NAME))
-    ):
+    if not opts.overwrite and (out.exists(MANIFEST_NAME) or out.exists(SPEC_NAME)):
         return None
-    return list_inputs(input_uri, opts.input_options)
+    return InputListing.begin(input_uri, opts.input_options)
+
+
+def _ranges(plan: Plan, shards: list[int], per_block: int) -> list[Any]:
+    """The pipeline's input: for each shard, its rows in ranges of ``per_block``, one
+    Arrow table (a block) each: shard, start, stop, shard_rows."""
+    import pyarrow as pa
+
+    blocks = []
+    for shard in shards:
+        size = plan.rows(shard)
+        for start in range(0, size, per_block):
+            stop = min(size, start + per_block)
+            blocks.append(
+                pa.table(
+                    {
+                        "shard": pa.array([shard], pa.int64()),
+                        "start": pa.array([start], pa.int64()),
+                        "stop": pa.array([stop], pa.int64()),
+                        "shard_rows": pa.array([size], pa.int64()),
+                    }
+                )
+            )
+    return blocks
 
 
 def _new_spec(model: Any, source: ModelSource, input_uri: str, opts: SegmentOptions) -> dict:

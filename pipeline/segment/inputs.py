@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.storage import first_line, full_uri, get_fs, looks_secret, protocol_of, redact
@@ -64,8 +66,27 @@ def iter_input_chunks(
     """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    try:
+    with _naming_input(input_uri):
         yield from _iter_chunks(input_uri, options, chunk, sort_run)
+
+
+def input_kind(input_uri: str, options: dict[str, Any] | None = None) -> str:
+    """What INPUT is, checked with a request or two and without listing it: "list" (.txt,
+    .parquet), "inventory" (an S3 Inventory manifest.json), "image", "prefix" (a local
+    folder) or "remote-prefix" (a prefix on remote storage, which a listing fans out over
+    in Ray tasks when Ray is up).
+
+    Raises what list_inputs raises for a missing INPUT or one of no known kind.
+    """
+    with _naming_input(input_uri):
+        return _kind(input_uri, options)[0]
+
+
+@contextmanager
+def _naming_input(input_uri: str) -> Iterator[None]:
+    """Storage errors as OSError/PermissionError whose one line names INPUT."""
+    try:
+        yield
     except (FileNotFoundError, ValueError):
         raise  # these name INPUT already
     except OSError as exc:  # storage's own message is often one word ("Forbidden")
@@ -80,43 +101,54 @@ def iter_input_chunks(
         raise OSError(f"INPUT {redact(input_uri)}: cannot list it ({reason})") from exc
 
 
-def _iter_chunks(
-    input_uri: str, options: dict[str, Any] | None, chunk: int, sort_run: int | None
-) -> Iterator[list[str]]:
-    from pipeline.segment import listing
+def _kind(input_uri: str, options: dict[str, Any] | None) -> tuple[str, Any, str]:
+    """(kind of :func:`input_kind`, fs, path); raises for a missing or unknown INPUT."""
+    from pipeline.segment.listing import is_local
 
-    run = sort_run or listing.SORT_RUN
     fs, path = get_fs(input_uri, options)
     # A signed URL's name ends before its query string.
     lowered = (
         path.split("?", 1)[0] if protocol_of(input_uri) in ("http", "https") else path
     ).lower()
-    chunks: Iterable[list[str]]
-    if lowered.endswith(".txt") or lowered.endswith(".parquet"):
+    if lowered.endswith((".txt", ".parquet", "manifest.json")):
         if not fs.isfile(path):
             raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such file")
-        listed = _read_uri_list(fs, path, input_uri, lowered.endswith(".parquet"), chunk)
-        chunks = listing.sorted_unique(listed, chunk, run)
-        what = "lists no URI"
-    elif lowered.endswith("manifest.json"):
-        from pipeline.segment.inventory import iter_inventory
-
-        if not fs.isfile(path):
-            raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such file")
-        chunks = listing.sorted_unique(iter_inventory(fs, path, input_uri), chunk, run)
-        what = "(an S3 Inventory manifest) lists no image"
-    elif fs.isfile(path):
+        return ("inventory" if lowered.endswith("manifest.json") else "list"), fs, path
+    if fs.isfile(path):
         if not is_image_name(path):
             raise ValueError(
                 f"INPUT {redact(input_uri)} is neither an image ({', '.join(IMAGE_EXTENSIONS)}), "
                 "a folder, a .txt list of URIs, a .parquet file with a `uri` column "
                 "nor an S3 Inventory manifest.json"
             )
+        return "image", fs, path
+    if not fs.exists(path):
+        raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such folder or prefix")
+    return ("prefix" if is_local(fs) else "remote-prefix"), fs, path
+
+
+def _iter_chunks(
+    input_uri: str, options: dict[str, Any] | None, chunk: int, sort_run: int | None
+) -> Iterator[list[str]]:
+    from pipeline.segment import listing
+
+    run = sort_run or listing.SORT_RUN
+    kind, fs, path = _kind(input_uri, options)
+    chunks: Iterable[list[str]]
+    if kind == "list":
+        is_parquet = path.split("?", 1)[0].lower().endswith(".parquet")
+        listed = _read_uri_list(fs, path, input_uri, is_parquet, chunk)
+        chunks = listing.sorted_unique(listed, chunk, run)
+        what = "lists no URI"
+    elif kind == "inventory":
+        from pipeline.segment.inventory import iter_inventory
+
+        chunks = listing.sorted_unique(iter_inventory(fs, path, input_uri), chunk, run)
+        what = "(an S3 Inventory manifest) lists no image"
+    elif kind == "image":
         chunks = [[full_uri(fs, path)]]
         what = "is empty"
     else:
-        if not fs.exists(path):
-            raise FileNotFoundError(f"INPUT {redact(input_uri)}: no such folder or prefix")
         chunks = listing.iter_prefix(fs, path, chunk)
         what = f"holds no image (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)"
     empty = True
@@ -167,3 +199,34 @@ def _resolve(uri: str, base: str) -> str:
     if protocol_of(base) == "file":
         return posixpath.normpath(posixpath.join(base, uri))
     return base.rstrip("/") + "/" + uri
+
+
+@dataclass
+class InputListing:
+    """INPUT's listing, begun: its first chunk already read (so that a missing, empty or
+    malformed INPUT fails at once), or, for a remote prefix, only checked to exist, its
+    listing left to run once Ray is up (``fans_out``: the listing fans out over Ray tasks).
+    """
+
+    input_uri: str
+    options: dict[str, Any] | None
+    fans_out: bool
+    _first: list[str] | None = None
+    _rest: Iterator[list[str]] | None = None
+
+    @classmethod
+    def begin(cls, input_uri: str, options: dict[str, Any] | None = None) -> InputListing:
+        """Raises what list_inputs raises."""
+        if input_kind(input_uri, options) == "remote-prefix":
+            return cls(input_uri, options, fans_out=True)
+        rest = iter_input_chunks(input_uri, options)
+        return cls(input_uri, options, fans_out=False, _first=next(rest), _rest=rest)
+
+    def chunks(self) -> Iterator[list[str]]:
+        """All of INPUT's URIs, sorted and unique, in chunks (iter_input_chunks); once."""
+        if self._rest is None:
+            self._rest = iter_input_chunks(self.input_uri, self.options)
+        if self._first is not None:
+            yield self._first
+            self._first = None
+        yield from self._rest

@@ -136,6 +136,10 @@ class Lease:
             return f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
         return None
 
+    def mark_lost(self, reason: str) -> None:
+        """Record that the lease is lost (a task found another run's lock): check() raises."""
+        self.lost = self.lost or reason
+
     def check(self, read: bool = False) -> None:
         """Raise if another run took the lease: this run must not commit anything more.
 

@@ -13,6 +13,9 @@ Columns between stages (one row per image):
   (float32 [n, 4] bytes, xyxy in original pixels), scores (float32 [n]),
   labels (int64 [n]), mask_probs (float32 [n, M, M]);
 * after :func:`encode_rows`: pipeline.output.schema.SCHEMA.
+
+Each stage also passes on the columns of pipeline.segment.parts.CARRIED (the shard a row
+belongs to) when its input has them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow as pa
 
 from pipeline.formats.decode import DecodeError, decode_for_model, decode_image
 from pipeline.output.schema import INSTANCE_TYPE, SCHEMA
+from pipeline.segment.parts import carried
 from pipeline.storage import first_line, get_fs
 
 READ_THREADS = 8
@@ -150,6 +154,7 @@ def read_and_decode(
             "image_h": pa.array(image_h, pa.int32()),
             "image_w": pa.array(image_w, pa.int32()),
             "resized": pa.array(resized, pa.bool_()),
+            **carried(batch),
         }
     )
 
@@ -296,6 +301,7 @@ def _detections_table(batch, status, error, width, height, ok, outputs) -> pa.Ta
             **_image_columns(batch.column("uri"), status, error, width, height),
             "n": pa.array(counts, pa.int32()),
             **{key: pa.array(values, pa.large_binary()) for key, values in fields.items()},
+            **carried(batch),
         }
     )
 
@@ -346,7 +352,7 @@ def encode_rows(
             status[i], error[i] = "error", _reason("encode", exc)
             width[i] = height[i] = None
     instances = _instances_array(per_row, class_names)
-    return pa.table(
+    rows = pa.table(
         {
             **_image_columns(batch.column("uri"), status, error, width, height),
             "instances": instances,
@@ -354,6 +360,9 @@ def encode_rows(
         },
         schema=SCHEMA,
     )
+    for name, column in carried(batch).items():  # the shard a row belongs to
+        rows = rows.append_column(name, column)
+    return rows
 
 
 def _instances_array(per_row: list[tuple | None], class_names: list[str]) -> pa.Array:
