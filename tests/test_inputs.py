@@ -8,6 +8,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.inventory_report import csv_gz, manifest
 
 from pipeline.segment.inputs import iter_input_chunks, list_inputs
 from pipeline.segment.listing import iter_prefix, split_prefix
@@ -172,7 +173,6 @@ def test_parallel_prefix_listing_equals_serial_find_s3_in_ray_tasks(
 
 
 # --- S3 Inventory reports --------------------------------------------------------------
-CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate"
 # (key as S3 writes it in CSV: URL-encoded, is_latest, is_delete_marker) per data file.
 CSV_ROWS = [
     [
@@ -191,33 +191,6 @@ INVENTORY_URIS = [
     "s3://photos-src/imgs/plus sign.JPG",
     "s3://photos-src/imgs/with space été.png",
 ]
-
-
-def csv_gz(rows):
-    import csv
-    import gzip
-    import io
-
-    text = io.StringIO()
-    writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n")
-    for key, latest, marker in rows:
-        writer.writerow(["photos-src", key, "v1", latest, marker, "1", "2024-01-01T00:00:00.000Z"])
-    return gzip.compress(text.getvalue().encode())
-
-
-def manifest(file_format, keys, schema=CSV_SCHEMA):
-    import json
-
-    doc = {
-        "sourceBucket": "photos-src",
-        "destinationBucket": "arn:aws:s3:::inventory-dest",
-        "version": "2016-11-30",
-        "creationTimestamp": "1704067200000",
-        "fileFormat": file_format,
-        "fileSchema": schema,
-        "files": [{"key": k, "size": 1, "MD5checksum": "0" * 32} for k in keys],
-    }
-    return json.dumps(doc).encode()
 
 
 def test_s3_inventory_csv_manifest_as_input(s3_server, s3_bucket, ray_local):

@@ -144,28 +144,28 @@ def write_parts(
                 name = f"{piece_dir(shard)}/piece-{digest.hexdigest()[:20]}.parquet"
             out.put_bytes(name, data)
             if whole:
-                _fault_after_part(out.path(name))
+                _fault_after_part(out, name, data)
         records.append({"shard": shard, **counts, "whole": whole, "lost": lost})
     return pa.Table.from_pylist(records, schema=RECORD)
 
 
-def _fault_after_part(path: str) -> None:
-    """Fault injection for the tests (FAULT_ENV unset: nothing): once per marker file, right
-    after a part is written and before its record is returned, ``exit:MARKER`` ends this
-    worker process and ``kill:PID:MARKER`` SIGKILLs process PID (the driver)."""
+def _fault_after_part(out: OutputDir, name: str, data: bytes) -> None:
+    """Fault injection for the tests, off unless FAULT_ENV is set: once per marker file,
+    right after a part is written and before its record is returned, ``exit:MARKER`` ends
+    this worker process and ``kill:MARKER`` SIGKILLs the driver (the lease holder's pid)
+    first. The marker holds the part's path and the SHA-256 of its bytes."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    how, _, rest = spec.partition(":")
-    pid, marker = rest.split(":", 1) if how == "kill" else ("", rest)
+    how, _, marker = spec.partition(":")
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return  # done once already
     with os.fdopen(fd, "w") as f:
-        f.write(path)
+        f.write(f"{out.path(name)}\n{hashlib.sha256(data).hexdigest()}\n")
     if how == "kill":
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(int((out.read_json(LOCK_NAME) or {})["pid"]), signal.SIGKILL)
     os._exit(1)
 
 
@@ -202,5 +202,6 @@ def assemble_part(
         return {"shard": shard, "missing": size - have, "lost": None}
     data, counts = encode_part(rows)
     out.put_bytes(plan.part_name(shard), data)
+    _fault_after_part(out, plan.part_name(shard), data)
     out.remove(piece_dir(shard), recursive=True)
     return {"shard": shard, **counts, "missing": 0, "lost": None}
