@@ -24,14 +24,15 @@ test: $(STAMP) lint
 
 # The CUDA tests (tests/gpu, marker gpu), which `make test` never collects. They need an
 # NVIDIA GPU; GPU_TEST_DEVICE=cpu runs them on CPU. PY_GPU: a Python with torch and
-# torchvision already there (a GPU machine's own), instead of this venv.
+# torchvision already there (a GPU machine's own), instead of this venv. A PYTHONPATH
+# already set (the device's carried wheels, e.g. /tmp/site with pycocotools) is kept.
 PY_GPU ?= $(PY)
 test-gpu:
-	PYTHONPATH=$(CURDIR) $(PY_GPU) -m pytest -m gpu tests/gpu -p no:cacheprovider $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY_GPU) -m pytest -m gpu tests/gpu -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every GPU figure in one run of at most 8 minutes: bench/results/<device>-gpu.json.
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PY_GPU) bench/gpu_check.py $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY_GPU) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/maskrcnn demo $(DEMO_ARGS)
