@@ -17,12 +17,19 @@ Sections, each with its own time budget (one that would overrun is recorded as s
    paste; they do not yet).
 
 Writes bench/results/<device>-gpu.json (and a copy under --copy-to, e.g. $OUT).
-Needs torch, torchvision, numpy, Pillow, safetensors, pyarrow, fsspec and pycocotools,
-no Ray. On the device machine (Python 3.12, no registry) pycocotools travels as a wheel
-in .whl/ (see /work/.library/device/README.md), e.g.::
+Needs torch, torchvision, numpy, Pillow, safetensors, pyarrow, fsspec, pycocotools and
+pytest, no Ray; it checks for them before any section starts. On the device machine
+(Python 3.12, torch 2.11, no registry) all but pycocotools are there; pycocotools 2.0.11
+(constraints.txt's) travels as a cp312 manylinux wheel in .whl/, fetched here with
+``pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+--platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11`` (see
+/work/.library/device/README.md), and the call carries .whl::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-      && PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_check.py --copy-to $OUT
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
+      make gpu-check PY_GPU=python3 GPU_CHECK_ARGS="--copy-to $OUT"
+
+(`make test-gpu PY_GPU=python3` runs the tests alone; both keep that PYTHONPATH.)
 
 ``--dry-run`` runs every section on CPU at toy sizes (proves nothing is missing).
 """
@@ -59,6 +66,8 @@ from tests.helpers.gpu_cases import (  # noqa: E402
 from tests.helpers.reference import build_torchvision, calibrate, smooth_images  # noqa: E402
 
 TOTAL_BUDGET_S = 480
+# What the sections import besides torch, numpy and pyarrow (imported above), by import name.
+NEEDS_MODULES = ("torchvision", "PIL", "safetensors", "fsspec", "pycocotools", "pytest")
 # Seconds each section may start with: it is skipped when less of the total is left.
 NEEDS_S = {"tests": 60, "model": 90, "train": 60, "stages": 60}
 
@@ -327,6 +336,14 @@ def stages_speed(dev: torch.device, sz: Sizes) -> dict:
 # --- driver ---------------------------------------------------------------------------
 
 
+def missing_modules() -> list[str]:
+    """The NEEDS_MODULES this Python cannot import: checked before any section starts, so
+    that a missing one (pycocotools not carried) costs no device time."""
+    import importlib.util
+
+    return [m for m in NEEDS_MODULES if importlib.util.find_spec(m) is None]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -336,6 +353,12 @@ def main() -> None:
     ap.add_argument("--copy-to", help="also copy the JSON here (e.g. $OUT on the device)")
     args = ap.parse_args()
     start = time.perf_counter()
+    missing = missing_modules()
+    if missing:
+        sys.exit(
+            f"gpu_check: {sys.executable} cannot import {', '.join(missing)}: carry them as "
+            "wheels in .whl/ and install them with the command in this script's docstring"
+        )
     if args.dry_run:
         dev = torch.device("cpu")
     elif not torch.cuda.is_available():
