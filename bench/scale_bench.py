@@ -1,7 +1,7 @@
 """The segment driver's own cost per image, and listing at scale (issue 15's yardstick).
 
     PYTHONPATH=. .venv/bin/python bench/scale_bench.py [--rows 100000,1000000]
-        [--list-files 1000000] [--s3-objects 100000]
+        [--real-images 1000,3000] [--list-files 1000000] [--s3-objects 100000]
 
 1. Driver cost. INPUT is a .txt list of N URIs of files that do not exist, so every row
    is an error row and the model does no work: what is left is the pipeline's own cost.
@@ -9,9 +9,13 @@
    (/proc: CPU seconds, VmHWM peak RSS). For each N: wall seconds, rows/s inside the run
    (the run's own summary line), driver CPU seconds and peak RSS; between the two sizes,
    the driver's marginal CPU per row (target <= 10 us) and the RSS ratio (target <= 1.2).
-2. Listing. A local tree of --list-files empty .png files (100 per folder) and an S3
-   prefix of --s3-objects objects on a moto server on loopback, each listed with
-   pipeline.segment.inputs.list_inputs: seconds and URIs/s.
+2. The same for real rows: --real-images small PNGs (64 px, a few shapes each) through
+   the tiny model, to show the driver's cost per real row.
+3. Listing straight into plan shards (pipeline.segment.plan.write_plan over
+   inputs.InputListing, what a first start does): a local tree of --list-files empty
+   .png files (100 per folder), and an S3 prefix of --s3-objects objects on a moto
+   server on loopback, fanned out over Ray tasks of a local Ray instance, its shards
+   written to the same bucket: seconds and URIs/s.
 
 Writes bench/results/scale.json. Never run as a test.
 """
@@ -52,12 +56,43 @@ def _sample(pid: int) -> tuple[float, int] | None:
     return cpu, int(hwm.group(1)) * 1024 if hwm else 0
 
 
-def driver_run(rows: int, work: Path, model: Path, rows_per_part: int) -> dict[str, Any]:
-    """One segment run over ``rows`` missing files; the driver's figures."""
+def missing_list(rows: int, work: Path) -> Path:
+    """A .txt list of ``rows`` URIs of files that do not exist."""
     listing = work / f"missing-{rows}.txt"
     with open(listing, "w") as f:
         for i in range(rows):
             f.write(f"{work}/missing/{i // 1000:05d}/img{i:09d}.png\n")
+    return listing
+
+
+def real_list(rows: int, work: Path) -> Path:
+    """A .txt list of ``rows`` small PNGs (64 px, a few shapes each), written once."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = work / "real"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    listing = work / f"real-{rows}.txt"
+    with open(listing, "w") as f:
+        for i in range(rows):
+            path = folder / f"{i:07d}.png"
+            if not path.exists():
+                image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 255, 3)))
+                draw = ImageDraw.Draw(image)
+                for _ in range(3):
+                    x, y = (int(v) for v in rng.integers(0, 48, 2))
+                    draw.rectangle([x, y, x + 14, y + 14], fill=(255, 255, 255))
+                image.save(path)
+            f.write(f"{path}\n")
+    return listing
+
+
+def driver_run(
+    rows: int, work: Path, model: Path, rows_per_part: int, real: bool = False
+) -> dict[str, Any]:
+    """One segment run over ``rows`` missing files (or real images); the driver's figures."""
+    listing = real_list(rows, work) if real else missing_list(rows, work)
     out = work / f"out-{rows}"
     shutil.rmtree(out, ignore_errors=True)
     argv = [sys.executable, "-m", "jobs.cli", "segment", str(listing), str(out),
@@ -88,9 +123,20 @@ def driver_run(rows: int, work: Path, model: Path, rows_per_part: int) -> dict[s
     }
 
 
-def list_local(files: int, work: Path) -> dict[str, Any]:
-    from pipeline.segment.inputs import list_inputs
+def plan_into(output: str, input_uri: str, options: dict | None = None) -> tuple[int, float]:
+    """(images, seconds) of listing ``input_uri`` into plan shards under ``output``."""
+    from pipeline.segment.commit import OutputDir
+    from pipeline.segment.inputs import InputListing
+    from pipeline.segment.plan import write_plan
 
+    start = time.monotonic()
+    plan = write_plan(
+        OutputDir(output, options), InputListing.begin(input_uri, options).chunks(), 1000
+    )
+    return plan.images, time.monotonic() - start
+
+
+def list_local(files: int, work: Path) -> dict[str, Any]:
     root = work / "tree"
     shutil.rmtree(root, ignore_errors=True)
     made = time.monotonic()
@@ -100,20 +146,18 @@ def list_local(files: int, work: Path) -> dict[str, Any]:
         for i in range(d, min(d + 100, files)):
             (folder / f"{i:09d}.png").touch()
     made = time.monotonic() - made
-    start = time.monotonic()
-    uris = list_inputs(str(root))
-    seconds = time.monotonic() - start
-    assert len(uris) == files, len(uris)
+    images, seconds = plan_into(str(work / "plan-local"), str(root))
+    assert images == files, images
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(work / "plan-local", ignore_errors=True)
     return {"files": files, "seconds": round(seconds, 2), "uris_per_s": round(files / seconds),
-            "made_in_s": round(made, 1)}  # fmt: skip
+            "made_in_s": round(made, 1), "into": "plan shards of 1000, local"}  # fmt: skip
 
 
 def list_s3(objects: int) -> dict[str, Any]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from pipeline.segment.inputs import list_inputs
     from tests.helpers.cluster_fixture import free_port
 
     port = free_port()
@@ -134,51 +178,64 @@ def list_s3(objects: int) -> dict[str, Any]:
         made = time.monotonic() - made
         options = {"key": creds["aws_access_key_id"], "secret": creds["aws_secret_access_key"],
                    "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}  # fmt: skip
-        start = time.monotonic()
-        uris = list_inputs("s3://scale/in", options)
-        seconds = time.monotonic() - start
-        assert len(uris) == objects, len(uris)
+        import ray
+
+        # The AWS variables for the Ray workers: they list with the same options' endpoint.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            images, seconds = plan_into("s3://scale/out", "s3://scale/in", options)
+        finally:
+            ray.shutdown()
+        assert images == objects, images
     finally:
         server.stop()
     return {"objects": objects, "seconds": round(seconds, 2),
-            "uris_per_s": round(objects / seconds), "made_in_s": round(made, 1)}  # fmt: skip
+            "uris_per_s": round(objects / seconds), "made_in_s": round(made, 1),
+            "into": "plan shards of 1000 on the same S3, listed in Ray tasks"}  # fmt: skip
+
+
+def _marginal(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    a, b = runs
+    return {
+        "runs": runs,
+        "marginal_cpu_us_per_row": round(
+            1e6 * (b["driver_cpu_s"] - a["driver_cpu_s"]) / (b["rows"] - a["rows"]), 1
+        ),
+        "peak_rss_ratio": round(b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"], 3),
+        "targets": {
+            "marginal_cpu_us_per_row": 10,
+            "peak_rss_ratio": 1.2,
+            "rows_per_s_in_run": 3000,
+        },
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="100000,1000000", help="two row counts, small,large")
     p.add_argument("--rows-per-part", type=int, default=1000)
+    p.add_argument("--real-images", default="1000,3000", help="two counts, small,large")
     p.add_argument("--list-files", type=int, default=1_000_000)
     p.add_argument("--s3-objects", type=int, default=100_000)
-    p.add_argument("--skip", nargs="*", default=[], choices=["driver", "local", "s3"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["driver", "real", "local", "s3"])
     args = p.parse_args()
-    small, large = (int(x) for x in args.rows.split(","))
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
     result: dict[str, Any] = {"command": "PYTHONPATH=. .venv/bin/python bench/scale_bench.py "
                               + " ".join(sys.argv[1:])}  # fmt: skip
     try:
-        if "driver" not in args.skip:
-            from maskrcnn.checkpoint import save
-            from tests.helpers.segment_data import tiny_model
+        from maskrcnn.checkpoint import save
+        from tests.helpers.segment_data import tiny_model
 
-            save(tiny_model(0), str(work / "tiny.safetensors"))
-            runs = [driver_run(n, work, work / "tiny.safetensors", args.rows_per_part)
-                    for n in (small, large)]  # fmt: skip
-            a, b = runs
-            result["driver"] = {
-                "runs": runs,
-                "marginal_cpu_us_per_row": round(
-                    1e6 * (b["driver_cpu_s"] - a["driver_cpu_s"]) / (b["rows"] - a["rows"]), 1
-                ),
-                "peak_rss_ratio": round(b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"], 3),
-                "targets": {
-                    "marginal_cpu_us_per_row": 10,
-                    "peak_rss_ratio": 1.2,
-                    "rows_per_s_in_run": 3000,
-                },  # fmt: skip
-            }
-            print(result["driver"], flush=True)
+        model = work / "tiny.safetensors"
+        save(tiny_model(0), str(model))
+        for key, counts, real in (("driver", args.rows, False), ("real", args.real_images, True)):
+            if key in args.skip:
+                continue
+            small, large = (int(x) for x in counts.split(","))
+            runs = [driver_run(n, work, model, args.rows_per_part, real) for n in (small, large)]
+            result[key] = _marginal(runs)
+            print(key, result[key], flush=True)
         if "local" not in args.skip:
             result["list_local"] = list_local(args.list_files, work)
             print(result["list_local"], flush=True)
