@@ -105,7 +105,9 @@ def driver_run(
         proc = subprocess.Popen(argv, env=env, cwd=work, stdout=sink, stderr=subprocess.STDOUT)
         last = (0.0, 0)
         while proc.poll() is None:
-            last = _sample(proc.pid) or last
+            sample = _sample(proc.pid)
+            if sample is not None:  # a zombie's status has no VmHWM: keep the last real one
+                last = (max(last[0], sample[0]), max(last[1], sample[1]))
             time.sleep(0.1)  # sampling interval
     wall = time.monotonic() - start
     text = log.read_text()
@@ -233,7 +235,10 @@ def main() -> None:
             if key in args.skip:
                 continue
             small, large = (int(x) for x in counts.split(","))
-            runs = [driver_run(n, work, model, args.rows_per_part, real) for n in (small, large)]
+            runs = []
+            for n in (small, large):
+                runs.append(driver_run(n, work, model, args.rows_per_part, real))
+                print(key, runs[-1], flush=True)
             result[key] = _marginal(runs)
             print(key, result[key], flush=True)
         if "local" not in args.skip:

