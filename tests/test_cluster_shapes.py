@@ -172,16 +172,31 @@ def test_train_whose_workers_no_node_can_host_says_so(cluster, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local, sigint):
     """Ray Data's iterator can block the driver's main thread in a lock wait with no
-    timeout: the stall must end that wait, not only flag it for later."""
+    timeout: the stall must end that wait, not only flag it for later; also in a process
+    that started with SIGINT ignored (inherited: a CI run hung so), and SIGINT's handler
+    is what it was afterwards."""
+    import signal
+
     from pipeline.segment.watchdog import StallError, Watchdog
 
-    lines: list[str] = []
-    dog = Watchdog(lines.append, stall_timeout=0.5, demands=lambda: [{"CPU": 3.0, "count": 1.0}])
-    with pytest.raises(StallError, match=r"cannot place 1 x \{CPU: 3\}"):
-        with dog.watching():
-            threading.Event().wait()  # no timeout: only a real signal ends it
+    before = signal.signal(
+        signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
+    )
+    try:
+        lines: list[str] = []
+        dog = Watchdog(
+            lines.append, stall_timeout=0.5, demands=lambda: [{"CPU": 3.0, "count": 1.0}]
+        )
+        with pytest.raises(StallError, match=r"cannot place 1 x \{CPU: 3\}"):
+            with dog.watching():
+                threading.Event().wait()  # no timeout: only a real signal ends it
+        expected = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) == expected
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ class Watchdog:
         self.error: str | None = None
         self._last = time.monotonic()
         self._stop = threading.Event()
+        self._previous: object = signal.default_int_handler  # SIGINT's handler before
 
     def progress(self, rows: int) -> None:
         self.rows += rows
@@ -90,9 +91,27 @@ class Watchdog:
             except Exception as exc:  # noqa: BLE001 - the watchdog must never end the run
                 self.log(f"segment: watchdog: {exc}")
 
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        """SIGINT while watching: the stall's interrupt, else what SIGINT did before."""
+        if self.error is not None:
+            raise KeyboardInterrupt
+        if callable(self._previous):
+            self._previous(signum, frame)
+        elif self._previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
     @contextmanager
     def watching(self) -> Iterator[None]:
-        """Watch for the block; a stall ends the block with StallError."""
+        """Watch for the block; a stall ends the block with StallError.
+
+        In the main thread, SIGINT gets this watchdog's handler for the block: the
+        stall's interrupt must not depend on what SIGINT was set to before (a process
+        started with SIGINT ignored, as children of some shells and tools are, would
+        otherwise never see it). Ctrl-C keeps its previous effect."""
+        installed = threading.current_thread() is threading.main_thread()
+        if installed:
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
         thread = threading.Thread(target=self._run, name="segment-watchdog", daemon=True)
         thread.start()
         try:
@@ -104,3 +123,8 @@ class Watchdog:
         finally:
             self._stop.set()
             thread.join()
+            if installed:
+                previous = self._previous
+                signal.signal(
+                    signal.SIGINT, signal.default_int_handler if previous is None else previous
+                )
