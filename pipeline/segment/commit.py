@@ -189,7 +189,11 @@ def canonical_rows(table: pa.Table) -> pa.Table:
 
 def encode_part(table: pa.Table) -> tuple[bytes, dict[str, int]]:
     """Rows -> (Parquet bytes, counts). The bytes depend on the rows only (see module doc)."""
-    table = canonical_rows(table)
+    return parquet_part(canonical_rows(table))
+
+
+def parquet_part(table: pa.Table) -> tuple[bytes, dict[str, int]]:
+    """:func:`encode_part` of rows that are canonical_rows' already."""
     counts = part_counts(table)
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, SCHEMA, compression="zstd") as writer:

@@ -60,6 +60,13 @@ def _alive_here(lock: dict[str, Any]) -> bool | None:
     return start is not None and lock.get("pid_start") in (None, start)
 
 
+def taken_over(lock: dict[str, Any], attempt: str) -> str | None:
+    """Who took the lease over when ``lock`` is another attempt's, else None."""
+    if lock.get("attempt") != attempt:
+        return f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
+    return None
+
+
 class Lease:
     """One writer per OUTPUT: ``_run/lock.json`` with a heartbeat (see module doc)."""
 
@@ -132,9 +139,7 @@ class Lease:
     def _taken_over(self) -> str | None:
         """Who holds the lock now when it is another run's (read from OUTPUT), else None."""
         lock = self.out.read_json(LOCK_NAME)
-        if lock is not None and lock.get("attempt") != self.attempt:
-            return f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
-        return None
+        return None if lock is None else taken_over(lock, self.attempt)
 
     def mark_lost(self, reason: str) -> None:
         """Record that the lease is lost (a task found another run's lock): check() raises."""

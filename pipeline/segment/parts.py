@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.segment.commit import LOCK_NAME, RUN_DIR, OutputDir, canonical_rows, encode_part
+from pipeline.segment.commit import LOCK_NAME, RUN_DIR, OutputDir, canonical_rows, parquet_part
+from pipeline.segment.lease import taken_over
 from pipeline.segment.plan import Plan, read_shard
 
 PIECES_DIR = f"{RUN_DIR}/pieces"
@@ -110,11 +111,7 @@ def carried(batch: pa.Table) -> dict[str, Any]:
 def lease_lost(out: OutputDir, attempt: str) -> str | None:
     """Why this run may not write (another run's lock, or none), else None."""
     lock = out.read_json(LOCK_NAME)
-    if lock is None:
-        return "its lock is gone"
-    if lock.get("attempt") != attempt:
-        return f"run {lock.get('run_id')} (host {lock.get('host')}) took over"
-    return None
+    return "its lock is gone" if lock is None else taken_over(lock, attempt)
 
 
 def write_parts(
@@ -135,7 +132,7 @@ def write_parts(
         rows = canonical_rows(batch.filter(pc.equal(batch.column("shard"), shard)))
         size = int(batch.column("shard_rows")[int((shards == shard).argmax())].as_py())
         whole = rows.num_rows == size
-        data, counts = encode_part(rows)
+        data, counts = parquet_part(rows)
         if lost is None:
             if whole:
                 name = plan.part_name(shard)
@@ -200,7 +197,7 @@ def assemble_part(
     have = 0 if rows is None else rows.num_rows
     if have != size:
         return {"shard": shard, "missing": size - have, "lost": None}
-    data, counts = encode_part(rows)
+    data, counts = parquet_part(rows)
     out.put_bytes(plan.part_name(shard), data)
     _fault_after_part(out, plan.part_name(shard), data)
     out.remove(piece_dir(shard), recursive=True)
