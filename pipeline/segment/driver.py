@@ -340,7 +340,7 @@ class SegmentRun:
         import ray
 
         from pipeline.segment.parts import expand_shards, write_parts
-        from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
+        from pipeline.segment.stages import Segmenter, decoded_tables, encode_rows
 
         plan, opts, cfg = self.plan, self.opts, self.cfg
         res = self.resources(sum(plan.rows(i) for i in pending))
@@ -359,8 +359,8 @@ class SegmentRun:
                 memory=res.decode_memory,
             )
             .map_batches(
-                read_and_decode,
-                batch_size=max(1, min(opts.batch_size, res.rows_per_block)),
+                decoded_tables,
+                batch_size=None,  # the block: reads overlap across it, tables come out bounded
                 batch_format="pyarrow",
                 fn_kwargs={
                     "storage_options": opts.input_options,
@@ -377,7 +377,7 @@ class SegmentRun:
             .map_batches(
                 Segmenter,
                 compute=ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1]),
-                batch_size=opts.batch_size,
+                batch_size=None,  # a block a call; predict takes opts.batch_size at a time
                 batch_format="pyarrow",
                 num_gpus=res.gpus_per_actor,
                 num_cpus=res.cpus_per_actor,
@@ -388,6 +388,7 @@ class SegmentRun:
                     "fast": opts.fast,
                     "tf32": opts.tf32,
                     "threads": int(res.cpus_per_actor),
+                    "batch_size": opts.batch_size,
                 },
             )
             .map_batches(
