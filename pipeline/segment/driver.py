@@ -9,8 +9,9 @@ The data flow reads like the sentence it is::
          the task that finishes it -> manifest
 
 and so does :func:`segment`: check INPUT, load the model, open the run
-(:class:`SegmentRun`: resume or plan), execute it (the Ray Data pipeline; the driver
-hears of each part in a small record), finish it (the manifest).
+(:class:`SegmentRun`: resume or plan), execute it (the Ray Data pipeline, run by an
+actor beside the driver, pipeline/segment/executor.py; the driver hears of each part
+in a small record), finish it (the manifest).
 
 Exactly once and resume follow the protocol in pipeline/segment/commit.py: a shard's
 part appears in OUTPUT only as a whole, under a name the plan fixes; a re-run skips the
@@ -41,6 +42,7 @@ from pipeline.segment.commit import (
     now_iso,
     spec_mismatches,
 )
+from pipeline.segment.executor import remote_rows
 from pipeline.segment.inputs import CHUNK, InputListing, list_inputs
 from pipeline.segment.lease import Lease
 from pipeline.segment.model_source import ModelSource, load_model
@@ -298,8 +300,8 @@ class SegmentRun:
             dataset = self.dataset(pending)
             interval = self.opts.wait_interval or wait_interval()
             watchdog = Watchdog(self.log, self.opts.stall_timeout, interval)
-            with watchdog.watching():
-                for record in dataset.iter_rows():
+            with watchdog.watching(), remote_rows(dataset) as records:
+                for record in records:
                     watchdog.progress(tracker.add(record))
                 tracker.wait()
         return {**tracker.processed, "seconds": time.monotonic() - started}

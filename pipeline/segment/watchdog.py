@@ -26,9 +26,10 @@ class StallError(RuntimeError):
 
 
 def interrupt_main_thread() -> None:
-    """KeyboardInterrupt in the main thread, even while it blocks on a lock or a queue
-    (Ray Data's iterator does): a real SIGINT sent to that thread ends the wait, where
-    ``_thread.interrupt_main`` only flags it for when the thread next runs Python code."""
+    """KeyboardInterrupt in the main thread, even while it blocks on a lock, a queue or
+    ``ray.get`` (waiting on the pipeline's next record): a real SIGINT sent to that thread
+    ends the wait, where ``_thread.interrupt_main`` only flags it for when the thread next
+    runs Python code."""
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
