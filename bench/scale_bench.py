@@ -7,8 +7,10 @@
    is an error row and the model does no work: what is left is the pipeline's own cost.
    `maskrcnn segment` runs in a subprocess; its driver process is sampled every 0.1 s
    (/proc: CPU seconds, VmHWM peak RSS). For each N: wall seconds, rows/s inside the run
-   (the run's own summary line), driver CPU seconds and peak RSS; between the two sizes,
-   the driver's marginal CPU per row (target <= 10 us) and the RSS ratio (target <= 1.2).
+   (the run's own summary line), driver CPU seconds and peak RSS, and the CPU seconds of
+   the actor that runs Ray Data's executor beside the driver; between the two sizes, the
+   driver's marginal CPU per row (target <= 10 us), the RSS ratio (target <= 1.2), and
+   the same per-row and per-second figures for the executor actor.
 2. The same for real rows: --real-images small PNGs (64 px, a few shapes each) through
    the tiny model, to show the driver's cost per real row.
 3. Listing straight into plan shards (pipeline.segment.plan.write_plan over
@@ -23,6 +25,7 @@ Writes bench/results/scale.json. Never run as a test.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -103,11 +106,15 @@ def driver_run(
     log = work / f"run-{rows}.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(argv, env=env, cwd=work, stdout=sink, stderr=subprocess.STDOUT)
-        last = (0.0, 0)
+        last, executor, executor_cpu, looked = (0.0, 0), None, 0.0, 0.0
         while proc.poll() is None:
             sample = _sample(proc.pid)
             if sample is not None:  # a zombie's status has no VmHWM: keep the last real one
                 last = (max(last[0], sample[0]), max(last[1], sample[1]))
+            if executor is None and time.monotonic() - looked > 1.0:
+                executor, looked = _executor_pid(), time.monotonic()
+            if executor is not None and (sample := _sample(executor)) is not None:
+                executor_cpu = max(executor_cpu, sample[0])
             time.sleep(0.1)  # sampling interval
     wall = time.monotonic() - start
     text = log.read_text()
@@ -122,7 +129,21 @@ def driver_run(
         "rows_per_s_in_run": float(found.group(3)) if found else None,
         "driver_cpu_s": round(last[0], 2),
         "driver_peak_rss_mib": round(last[1] / 2**20, 1),
+        # Ray Data's executor, in its actor beside the driver (pipeline/segment/executor.py)
+        "executor_cpu_s": round(executor_cpu, 2) if executor is not None else None,
     }
+
+
+def _executor_pid() -> int | None:
+    """The pid of the pipeline's executor actor (its process title names the class)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ray::PipelineExecutor" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
 
 
 def plan_into(output: str, input_uri: str, options: dict | None = None) -> tuple[int, float]:
@@ -196,24 +217,56 @@ def list_s3(objects: int) -> dict[str, Any]:
             "into": "plan shards of 1000 on the same S3, listed in Ray tasks"}  # fmt: skip
 
 
+def _per_row(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    if a.get(key) is None or b.get(key) is None:
+        return None
+    return round(1e6 * (b[key] - a[key]) / (b["rows"] - a["rows"]), 1)
+
+
+def _per_second(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    if a.get(key) is None or b.get(key) is None:
+        return None
+    return round((b[key] - a[key]) / (b["in_run_s"] - a["in_run_s"]), 3)
+
+
 def _marginal(runs: list[dict[str, Any]]) -> dict[str, Any]:
     a, b = runs
     return {
         "runs": runs,
-        "marginal_cpu_us_per_row": round(
-            1e6 * (b["driver_cpu_s"] - a["driver_cpu_s"]) / (b["rows"] - a["rows"]), 1
-        ),
+        "marginal_cpu_us_per_row": _per_row(a, b, "driver_cpu_s"),
         "peak_rss_ratio": round(b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"], 3),
-        # The driver's CPU per second of run: Ray Data's scheduling loop costs about the
-        # same at 20 and at 2,000 rows/s, so its cost per row is this over the row rate.
-        "driver_cores_while_running": round(
-            (b["driver_cpu_s"] - a["driver_cpu_s"]) / (b["in_run_s"] - a["in_run_s"]), 3
-        ),
+        # The driver's CPU per second of run: what it costs while it waits on records.
+        "driver_cores_while_running": _per_second(a, b, "driver_cpu_s"),
+        # The executor actor's CPU, which Ray Data's scheduling loop spent in the driver
+        # before it moved out: per second of run, not per row.
+        "executor_marginal_cpu_us_per_row": _per_row(a, b, "executor_cpu_s"),
+        "executor_cores_while_running": _per_second(a, b, "executor_cpu_s"),
         "targets": {
             "marginal_cpu_us_per_row": 10,
             "peak_rss_ratio": 1.2,
             "rows_per_s_in_run": 3000,
         },
+    }
+
+
+SECTIONS = {"driver": "driver", "real": "real", "local": "list_local", "s3": "list_s3"}
+
+
+def _carried(skipped: list[str]) -> dict[str, Any]:
+    """The sections ``skipped`` names, from the results file this run replaces, each marked
+    with the date of the run that measured it (code they measure is unchanged)."""
+    path = REPO / "bench" / "results" / "scale.json"
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    when = previous.get("date")
+    return {
+        SECTIONS[k]: {
+            **previous[SECTIONS[k]],
+            "carried_from": previous[SECTIONS[k]].get("carried_from", when),
+        }
+        for k in skipped
+        if SECTIONS[k] in previous
     }
 
 
@@ -224,7 +277,13 @@ def main() -> None:
     p.add_argument("--real-images", default="1000,3000", help="two counts, small,large")
     p.add_argument("--list-files", type=int, default=1_000_000)
     p.add_argument("--s3-objects", type=int, default=100_000)
-    p.add_argument("--skip", nargs="*", default=[], choices=["driver", "real", "local", "s3"])
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=list(SECTIONS),
+        help="sections not run: kept from the previous results file, with its date",
+    )
     args = p.parse_args()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
@@ -254,6 +313,7 @@ def main() -> None:
             print(result["list_s3"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result.update(_carried(args.skip))
     result["machine"] = machine_info(load_before, os.getloadavg())
     print(f"wrote {write_result('scale', result)}")
 
