@@ -22,6 +22,7 @@ counts, never URIs or rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -297,10 +298,10 @@ class SegmentRun:
         started = time.monotonic()
         tracker = ShardTracker(self.out, self.plan, self.lease, started)
         if pending:
-            dataset = self.dataset(pending)
+            build = self.pipeline(pending)
             interval = self.opts.wait_interval or wait_interval()
             watchdog = Watchdog(self.log, self.opts.stall_timeout, interval)
-            with watchdog.watching(), remote_rows(dataset) as records:
+            with watchdog.watching(), remote_rows(build) as records:
                 for record in records:
                     watchdog.progress(tracker.add(record))
                 tracker.wait()
@@ -336,84 +337,27 @@ class SegmentRun:
         per_block = max(1, min(self.plan.rows_per_shard, math.ceil(pending / (4 * cpus_total))))
         return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
 
-    def dataset(self, pending: list[int]) -> Any:
-        """The Ray Data pipeline over the ``pending`` shards; yields one record per shard a
-        batch of its last stage held (pipeline.segment.parts.RECORD)."""
+    def pipeline(self, pending: list[int]) -> Callable[[], Any]:
+        """What builds the Ray Data pipeline over the ``pending`` shards (it yields one
+        record per shard a batch of its last stage held, pipeline.segment.parts.RECORD):
+        :func:`build_dataset` with its arguments, for the executor actor to call, so that
+        the pipeline's input blocks are that actor's objects, not the driver's. Resources
+        are worked out here, where their warnings are logged."""
         import ray
 
-        from pipeline.segment.parts import expand_shards, write_parts
-        from pipeline.segment.stages import Segmenter, decoded_tables, encode_rows
-
-        plan, opts, cfg = self.plan, self.opts, self.cfg
-        res = self.resources(sum(plan.rows(i) for i in pending))
-        where = {"output_uri": self.out.uri, "output_options": self.out.options}
-        sources = [ray.put(self.sources)] if self.sources is not None else None
-        model_ref = ray.put(self.model_bytes)
-        return (
-            ray.data.from_arrow(_ranges(plan, pending, res.rows_per_block))
-            .map_batches(
-                expand_shards,
-                batch_size=None,  # a block: one range of one shard
-                batch_format="pyarrow",
-                fn_kwargs={**where, "rows_per_shard": plan.rows_per_shard, "sources": sources},
-                # decode's resources: Ray Data fuses the two, one task and no hop between
-                num_cpus=res.decode_cpus,
-                memory=res.decode_memory,
-            )
-            .map_batches(
-                decoded_tables,
-                batch_size=None,  # the block: reads overlap across it, tables come out bounded
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "storage_options": opts.input_options,
-                    "cfg": cfg if opts.resize_on_cpu else None,
-                    # GPU actors resize on the device what ships smaller as uint8.
-                    "resize": "smaller" if res.gpus_per_actor > 0 else "always",
-                },
-                num_cpus=res.decode_cpus,
-                # Room for one large image; being unlike the actor's resources, this also
-                # keeps Ray Data from fusing decode into the model actor, whose time is the
-                # model's alone.
-                memory=res.decode_memory,
-            )
-            .map_batches(
-                Segmenter,
-                compute=ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1]),
-                batch_size=None,  # a block a call; predict takes opts.batch_size at a time
-                batch_format="pyarrow",
-                num_gpus=res.gpus_per_actor,
-                num_cpus=res.cpus_per_actor,
-                fn_constructor_args=([model_ref],),
-                fn_constructor_kwargs={
-                    "score_threshold": opts.score_threshold,
-                    "max_detections": opts.max_detections,
-                    "fast": opts.fast,
-                    "tf32": opts.tf32,
-                    "threads": int(res.cpus_per_actor),
-                    "batch_size": opts.batch_size,
-                },
-            )
-            .map_batches(
-                encode_rows,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "class_names": cfg.label_names,
-                    "model_id": self.spec["model"],
-                    "mask_threshold": cfg.mask_threshold,
-                },
-                num_cpus=res.encode_cpus,
-            )
-            .map_batches(
-                write_parts,
-                batch_size=plan.rows_per_shard,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    **where,
-                    "rows_per_shard": plan.rows_per_shard,
-                    "attempt": self.lease.attempt,
-                },
-                num_cpus=res.part_cpus,
-            )
+        res = self.resources(sum(self.plan.rows(i) for i in pending))
+        return functools.partial(
+            build_dataset,
+            plan=self.plan,
+            pending=pending,
+            res=res,
+            opts=self.opts,
+            cfg=self.cfg,
+            model_id=self.spec["model"],
+            output=(self.out.uri, self.out.options),
+            attempt=self.lease.attempt,
+            sources=[ray.put(self.sources)] if self.sources is not None else None,
+            model_ref=ray.put(self.model_bytes),
         )
 
     # --- helpers ----------------------------------------------------------------------
@@ -424,6 +368,95 @@ class SegmentRun:
             raise OutputStateError(
                 f"OUTPUT {self.out.show()} {holds} with another {'; '.join(diffs)}; {advice}"
             )
+
+
+def build_dataset(
+    *,
+    plan: Plan,
+    pending: list[int],
+    res: Resources,
+    opts: SegmentOptions,
+    cfg: MaskRCNNConfig,
+    model_id: str,
+    output: tuple[str, dict[str, Any] | None],
+    attempt: str,
+    sources: list | None,
+    model_ref: Any,
+) -> Any:
+    """The Ray Data pipeline over the ``pending`` shards of ``plan`` (SegmentRun.dataset
+    gathers the arguments; the executor actor calls this)."""
+    import ray
+
+    from pipeline.segment.parts import expand_shards, write_parts
+    from pipeline.segment.stages import Segmenter, decoded_tables, encode_rows
+
+    where = {"output_uri": output[0], "output_options": output[1]}
+    return (
+        ray.data.from_arrow(_ranges(plan, pending, res.rows_per_block))
+        .map_batches(
+            expand_shards,
+            batch_size=None,  # a block: one range of one shard
+            batch_format="pyarrow",
+            fn_kwargs={**where, "rows_per_shard": plan.rows_per_shard, "sources": sources},
+            # decode's resources: Ray Data fuses the two, one task and no hop between
+            num_cpus=res.decode_cpus,
+            memory=res.decode_memory,
+        )
+        .map_batches(
+            decoded_tables,
+            batch_size=None,  # the block: reads overlap across it, tables come out bounded
+            batch_format="pyarrow",
+            fn_kwargs={
+                "storage_options": opts.input_options,
+                "cfg": cfg if opts.resize_on_cpu else None,
+                # GPU actors resize on the device what ships smaller as uint8.
+                "resize": "smaller" if res.gpus_per_actor > 0 else "always",
+            },
+            num_cpus=res.decode_cpus,
+            # Room for one large image; being unlike the actor's resources, this also
+            # keeps Ray Data from fusing decode into the model actor, whose time is the
+            # model's alone.
+            memory=res.decode_memory,
+        )
+        .map_batches(
+            Segmenter,
+            compute=ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1]),
+            batch_size=None,  # a block a call; predict takes opts.batch_size at a time
+            batch_format="pyarrow",
+            num_gpus=res.gpus_per_actor,
+            num_cpus=res.cpus_per_actor,
+            fn_constructor_args=([model_ref],),
+            fn_constructor_kwargs={
+                "score_threshold": opts.score_threshold,
+                "max_detections": opts.max_detections,
+                "fast": opts.fast,
+                "tf32": opts.tf32,
+                "threads": int(res.cpus_per_actor),
+                "batch_size": opts.batch_size,
+            },
+        )
+        .map_batches(
+            encode_rows,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "class_names": cfg.label_names,
+                "model_id": model_id,
+                "mask_threshold": cfg.mask_threshold,
+            },
+            num_cpus=res.encode_cpus,
+        )
+        .map_batches(
+            write_parts,
+            batch_size=plan.rows_per_shard,
+            batch_format="pyarrow",
+            fn_kwargs={
+                **where,
+                "rows_per_shard": plan.rows_per_shard,
+                "attempt": attempt,
+            },
+            num_cpus=res.part_cpus,
+        )
+    )
 
 
 def normalized_input(input_uri: str, options: dict[str, Any] | None) -> str:

@@ -18,7 +18,7 @@ lease's rules (pipeline.segment.parts).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,10 +46,12 @@ def root_cause(text: str) -> str | None:
 
 
 class PipelineExecutor:
-    """The actor: iterates the dataset it was given, one row per :meth:`next` call."""
+    """The actor: builds the dataset (``build()``) and iterates it, one row per
+    :meth:`next` call. Built here, the dataset's input blocks are this actor's objects:
+    the driver owns none of the pipeline's blocks."""
 
-    def __init__(self, dataset: Any) -> None:
-        self._rows = iter(dataset.iter_rows())
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._rows = iter(build().iter_rows())
 
     def next(self) -> dict[str, Any] | None:
         """The next row, None at the end; raises what the pipeline raised."""
@@ -57,8 +59,9 @@ class PipelineExecutor:
 
 
 @contextmanager
-def remote_rows(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
-    """The rows of ``dataset``, executed in a :class:`PipelineExecutor` actor."""
+def remote_rows(build: Callable[[], Any]) -> Iterator[RemoteRows]:
+    """The rows of the dataset ``build()`` returns, built and executed in a
+    :class:`PipelineExecutor` actor."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -70,7 +73,7 @@ def remote_rows(dataset: Any) -> Iterator[Iterator[dict[str, Any]]]:
             max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         )
-        .remote(dataset)
+        .remote(build)
     )
     try:
         yield RemoteRows(actor)
