@@ -172,6 +172,25 @@ def test_train_whose_workers_no_node_can_host_says_so(cluster, tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_the_watchdog_says_how_far_the_run_got_while_nothing_waits():
+    from pipeline.segment.watchdog import Watchdog
+
+    lines: list[str] = []
+    said = threading.Event()
+
+    def log(line: str) -> None:
+        lines.append(line)
+        said.set()
+
+    dog = Watchdog(log, stall_timeout=0, interval=0.05, demands=lambda: [], total=1000)
+    with dog.watching():
+        assert not said.wait(0.5)  # nothing done yet: nothing to say
+        dog.progress(250)
+        assert said.wait(30), "no progress line"
+    assert lines[0].startswith("segment: 250 of 1000 images done ("), lines
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local, sigint):
     """Ray Data's iterator can block the driver's main thread in a lock wait with no

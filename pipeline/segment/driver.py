@@ -300,7 +300,8 @@ class SegmentRun:
         if pending:
             build = self.pipeline(pending)
             interval = self.opts.wait_interval or wait_interval()
-            watchdog = Watchdog(self.log, self.opts.stall_timeout, interval)
+            total = sum(self.plan.rows(i) for i in pending)
+            watchdog = Watchdog(self.log, self.opts.stall_timeout, interval, total=total)
             with watchdog.watching(), remote_rows(build) as records:
                 for record in records:
                     watchdog.progress(tracker.add(record))

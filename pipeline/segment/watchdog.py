@@ -2,7 +2,7 @@
 
 While Ray holds demands it has not placed (ray.autoscaler.v2.sdk cluster status),
 the watchdog says so every ``interval`` seconds: what waits, what the cluster has,
-how far the run got. When the driver has received no part for ``stall_timeout``
+how far the run got; otherwise it says how far the run got, at the same interval. When the driver has received no part for ``stall_timeout``
 seconds while such demands are pending, it interrupts the driver's loop, which
 ends with :class:`StallError` (the parts committed so far stay committed; a
 re-run resumes after them).
@@ -42,10 +42,12 @@ class Watchdog:
         stall_timeout: float,
         interval: float = 60.0,
         demands: Callable[[], list[dict[str, float]]] = cluster.pending_demands,
+        total: int | None = None,
     ):
         self.log, self.stall_timeout, self.interval = log, stall_timeout, interval
-        self.demands = demands
+        self.demands, self.total = demands, total
         self.rows = 0
+        self._started = time.monotonic()
         self.error: str | None = None
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -56,10 +58,19 @@ class Watchdog:
         self._last = time.monotonic()
 
     def _tick(self, last_log: float) -> float:
-        """One look at the cluster; returns when the last waiting message was logged."""
+        """One look at the cluster; returns when the last message was logged: waiting for
+        resources, else how far the run got (every ``interval`` seconds, once parts come)."""
         pending = self.demands()
         now = time.monotonic()
         if not pending:
+            if self.rows and now - last_log >= self.interval:
+                of = f" of {self.total}" if self.total is not None else ""
+                rate = self.rows / max(now - self._started, 1e-9)
+                self.log(
+                    f"segment: {self.rows}{of} images done ({rate:.1f} images/s), last part "
+                    f"{now - self._last:.0f}s ago"
+                )
+                return now
             return last_log
         idle = now - self._last
         if self.stall_timeout > 0 and idle >= self.stall_timeout:
