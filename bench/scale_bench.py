@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info, write_result  # noqa: E402
+from bench.common import RESULTS, machine_info, write_result  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 SUMMARY = re.compile(r"this run (\d+) images in ([\d.]+)s \(([\d.]+) images/s\)")
@@ -255,7 +255,7 @@ SECTIONS = {"driver": "driver", "real": "real", "local": "list_local", "s3": "li
 def _carried(skipped: list[str]) -> dict[str, Any]:
     """The sections ``skipped`` names, from the results file this run replaces, each marked
     with the date of the run that measured it (code they measure is unchanged)."""
-    path = REPO / "bench" / "results" / "scale.json"
+    path = RESULTS / "scale.json"
     if not path.exists():
         return {}
     previous = json.loads(path.read_text())

@@ -298,9 +298,9 @@ class SegmentRun:
         started = time.monotonic()
         tracker = ShardTracker(self.out, self.plan, self.lease, started)
         if pending:
-            build = self.pipeline(pending)
-            interval = self.opts.wait_interval or wait_interval()
             total = sum(self.plan.rows(i) for i in pending)
+            build = self.pipeline(pending, total)
+            interval = self.opts.wait_interval or wait_interval()
             watchdog = Watchdog(self.log, self.opts.stall_timeout, interval, total=total)
             with watchdog.watching(), remote_rows(build) as records:
                 for record in records:
@@ -338,15 +338,16 @@ class SegmentRun:
         per_block = max(1, min(self.plan.rows_per_shard, math.ceil(pending / (4 * cpus_total))))
         return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
 
-    def pipeline(self, pending: list[int]) -> Callable[[], Any]:
-        """What builds the Ray Data pipeline over the ``pending`` shards (it yields one
+    def pipeline(self, pending: list[int], images: int) -> Callable[[], Any]:
+        """What builds the Ray Data pipeline over the ``pending`` shards, ``images`` images
+        in all (it yields one
         record per shard a batch of its last stage held, pipeline.segment.parts.RECORD):
         :func:`build_dataset` with its arguments, for the executor actor to call, so that
         the pipeline's input blocks are that actor's objects, not the driver's. Resources
         are worked out here, where their warnings are logged."""
         import ray
 
-        res = self.resources(sum(self.plan.rows(i) for i in pending))
+        res = self.resources(images)
         return functools.partial(
             build_dataset,
             plan=self.plan,
@@ -384,7 +385,7 @@ def build_dataset(
     sources: list | None,
     model_ref: Any,
 ) -> Any:
-    """The Ray Data pipeline over the ``pending`` shards of ``plan`` (SegmentRun.dataset
+    """The Ray Data pipeline over the ``pending`` shards of ``plan`` (SegmentRun.pipeline
     gathers the arguments; the executor actor calls this)."""
     import ray
 

@@ -40,7 +40,7 @@ def root_cause(text: str) -> str | None:
     of Ray's wrappers (Python prints a chain's first cause first); None when none is."""
     for match in _RAISED.finditer(text):
         name = match.group(2)
-        if name not in _WRAPPERS and (name.endswith(("Error", "Exception")) or name == "Exit"):
+        if name not in _WRAPPERS and name.endswith(("Error", "Exception")):
             return f"{name}: {match.group(3).strip()}"
     return None
 

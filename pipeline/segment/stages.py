@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -105,9 +104,7 @@ def _reader(options: dict[str, Any] | None) -> Callable[[str], bytes]:
     return read
 
 
-def _fetched(
-    uris: Iterable[str], options: dict[str, Any] | None
-) -> Iterator[bytes | BaseException]:
+def _fetched(uris: list[str], options: dict[str, Any] | None) -> Iterator[bytes | BaseException]:
     """Each URI's bytes, or the exception reading it raised, in order.
 
     Remote URIs are read on READ_THREADS threads, at most READ_AHEAD ahead of the caller
@@ -124,19 +121,13 @@ def _fetched(
         except Exception as exc:
             return exc
 
-    uris = iter(uris)
-    first = next(uris, None)
-    if first is None:
-        return
-    uris = itertools.chain([first], uris)
-    if protocol_of(first) in ("file", "local"):
+    if not uris or protocol_of(uris[0]) in ("file", "local"):
         yield from map(fetch, uris)
         return
     pool, window = _read_pool(), collections.deque()
-    for uri in itertools.islice(uris, READ_AHEAD):
-        window.append(pool.submit(fetch, uri))
     for uri in uris:
-        yield window.popleft().result()
+        if len(window) == READ_AHEAD:
+            yield window.popleft().result()
         window.append(pool.submit(fetch, uri))
     while window:
         yield window.popleft().result()

@@ -2,10 +2,11 @@
 
 While Ray holds demands it has not placed (ray.autoscaler.v2.sdk cluster status),
 the watchdog says so every ``interval`` seconds: what waits, what the cluster has,
-how far the run got; otherwise it says how far the run got, at the same interval. When the driver has received no part for ``stall_timeout``
-seconds while such demands are pending, it interrupts the driver's loop, which
-ends with :class:`StallError` (the parts committed so far stay committed; a
-re-run resumes after them).
+how far the run got; otherwise it says how far the run got, at the same interval.
+When the driver has received no part for ``stall_timeout`` seconds while such
+demands are pending, it interrupts the driver's loop, which ends with
+:class:`StallError` (the parts committed so far stay committed; a re-run resumes
+after them).
 """
 
 from __future__ import annotations
