@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
 import types
 
 import numpy as np
 import pytest
-from conftest import VENV_BIN
+from helpers.cli import run_cli as maskrcnn
 from helpers.outputs_fixture import (
     CATEGORIES,
     CLASS_NAMES,
@@ -30,12 +29,6 @@ from pipeline.output.evaluate import coco_evaluate, ground_truth, predict_coco_r
 from pipeline.output.results import open_results
 
 H, W = 64, 80
-
-
-def maskrcnn(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def scenes(n: int = 6) -> list:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import VENV_BIN
-from helpers.proc import child_env
+from helpers.cli import run_cli
 from helpers.reference import build_torchvision
 from helpers.torch_threads import one_thread  # noqa: F401
 from safetensors.torch import save_file
@@ -270,11 +268,8 @@ def test_cli_reports_a_bad_init_in_one_line_before_starting(tmp_path):
     make_shapes_dataset(str(tmp_path / "shapes"), 2, size=64)
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"not weights at all")
-    proc = subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), "train", "--data", str(tmp_path / "shapes/train"),
-         "--init", str(bad)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=child_env(None),
-    )  # fmt: skip
+    proc = run_cli("train", "--data", str(tmp_path / "shapes/train"), "--init", str(bad),
+                   cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"maskrcnn train: error: --init {bad}: ")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import VENV_BIN
+from helpers.cli import run_cli as maskrcnn
 from helpers.outputs_fixture import (
     disc_mask,
     error_row,
@@ -45,12 +44,6 @@ def fixture_rows() -> list[dict]:
         ok_row("s3://in/b/dog.png", W, H, [instance(1, "square", 0.5, big)]),
         error_row("s3://in/b/broken.jpg", "decode: image file is truncated"),
     ]
-
-
-def maskrcnn(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), *args], capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.fixture

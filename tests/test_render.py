@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VENV_BIN
+from helpers.cli import run_cli as maskrcnn
 from helpers.outputs_fixture import disc_mask, error_row, instance, ok_row, rect_mask, write_output
 from PIL import Image
 
 from pipeline.output.render import MASK_ALPHA, label_colour, overlay_name
 
 H, W = 72, 96
-
-
-def maskrcnn(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def noise_image(seed: int, height: int = H, width: int = W) -> np.ndarray:

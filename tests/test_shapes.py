@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, VENV_BIN
+from conftest import REPO
+from helpers.cli import run_cli as maskrcnn
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -118,14 +118,7 @@ def test_writes_to_s3_and_reads_back(s3_server, s3_bucket):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), "shapes", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ},
-    )
+    return maskrcnn("shapes", *args, cwd=REPO)
 
 
 def test_cli_writes_dataset_and_summary(tmp_path):

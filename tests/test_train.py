@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VENV_BIN
+from helpers.cli import run_cli
 from helpers.proc import kill_group, maskrcnn_process
 from helpers.train_logs import (
     CLASS_NAMES,
@@ -88,7 +88,9 @@ def assert_resumed(log_text: str, start: int, iterations: int) -> None:
 # --- end to end ------------------------------------------------------------------------
 
 
+# Its own Ray: Ray Train's cleaner asks the dashboard, which the shared instance runs without.
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
     shapes, s3_server, s3_bucket, tmp_path
@@ -152,7 +154,9 @@ def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
     assert model_id(model) == state["model_id"]
 
 
+# Its own Ray: Ray Train's cleaner asks the dashboard, which the shared instance runs without.
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes, tmp_path):
     """Also a corrupt image (with one image per batch, a batch of nothing still steps) and
@@ -259,13 +263,7 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
 @pytest.mark.timeout(120)
 def test_data_that_does_not_exist_is_a_one_line_error(tmp_path):
     missing = tmp_path / "nowhere"
-    proc = subprocess.run(
-        [str(VENV_BIN / "maskrcnn"), "train", "--data", str(missing), "--preset", "tiny"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    proc = run_cli("train", "--data", str(missing), "--preset", "tiny", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

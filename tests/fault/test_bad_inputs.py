@@ -1,19 +1,19 @@
 """Bad inputs to every command (issue 7, item 5): each ends with one line naming the input
 and the fix, exit code 2, no traceback unless --debug, and nothing committed.
 
-Every case runs `maskrcnn ...` as a subprocess (the way users meet these errors), several
-at a time to keep the suite fast.
+Every case runs `maskrcnn ...` through the console script's own entry point,
+``jobs.cli.main``, in the test process (tests/helpers/cli.py): the same parsing, checks
+and printing a user meets, without an interpreter start per case.
 """
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers.proc import run_maskrcnn
+from helpers.cli import run_cli
 
 CLASS_NAMES = ["__background__", "square", "circle", "triangle"]
 
@@ -87,7 +87,7 @@ DEBUG_CASES = ["segment-missing-input", "train-malformed-annotations", "query-mi
 
 def _maskrcnn(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     # cwd: a stray default output (metrics.json) would land there, not in the repo.
-    return run_maskrcnn(argv, cwd=cwd, timeout=300)
+    return run_cli(*argv, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -128,22 +128,20 @@ def done_before(scratch) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def results(scratch, done_before) -> dict[str, tuple[subprocess.CompletedProcess, ...]]:
-    """case id -> (plain run, --debug run or None), all run up front, in parallel
+    """case id -> (plain run, --debug run or None), all run up front, one after the other
     (after the snapshot of the finished OUTPUT)."""
     root = str(scratch)
 
     def argv(case_argv: list[str]) -> list[str]:
         return [a.replace("{R}", root) for a in case_argv]
 
-    jobs = {}
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        for case_id, case_argv, _, _ in CASES:
-            jobs[case_id, False] = pool.submit(_maskrcnn, argv(case_argv), scratch)
-        for case_id in DEBUG_CASES:
-            case_argv = next(c[1] for c in CASES if c[0] == case_id)
-            debug = [case_argv[0], "--debug", *argv(case_argv[1:])]
-            jobs[case_id, True] = pool.submit(_maskrcnn, debug, scratch)
-    done = {key: job.result() for key, job in jobs.items()}
+    done = {}
+    for case_id, case_argv, _, _ in CASES:
+        done[case_id, False] = _maskrcnn(argv(case_argv), scratch)
+    for case_id in DEBUG_CASES:
+        case_argv = next(c[1] for c in CASES if c[0] == case_id)
+        debug = [case_argv[0], "--debug", *argv(case_argv[1:])]
+        done[case_id, True] = _maskrcnn(debug, scratch)
     return {cid: (done[cid, False], done.get((cid, True))) for cid, *_ in CASES}
 
 
