@@ -1,12 +1,14 @@
 """Node loss (issue 7, item 1): a worker node of a real multi-node Ray cluster is lost
 mid-job, and the job still finishes with the promised output.
 
-The cluster is `ray start` processes on this machine (tests/helpers/cluster_fixture.py: a
-head and one worker node, token auth); the jobs are the CLI submitted with
-`ray job submit`, reading and writing S3 (the loopback moto server), so the driver
-lives on the head as it does on a real cluster. Once the job is seen working on the
-worker node, that node's raylet is SIGKILLed (the node, and every worker process on
-it, is gone for good), then:
+The cluster is `ray start` processes on this machine (tests/helpers/cluster_fixture.py,
+token auth), one for the module: a 3-CPU head, to which each test adds the worker nodes
+it needs and from which they are removed after it (so a test starts from the head
+alone). The jobs are the CLI submitted with `ray job submit --working-dir`, reading and
+writing S3 (the loopback moto server), so the driver lives on the head as it does on a
+real cluster. Each node-loss test adds a fresh worker node of its own; once the job is
+seen working on it, that node's raylet is SIGKILLed (the node, and every worker process
+on it, is gone for good), then:
 
 * segment: Ray restarts the lost model actor on the head once there is room for it and
   retries the batches it held; the output holds every input exactly once (pyarrow
@@ -15,17 +17,25 @@ it, is gone for good), then:
   from the last registered checkpoint; both workers cannot fit on the head, so a
   replacement node joins (what an autoscaler does for a lost node). The resumed run
   redoes the iterations after the checkpoint with the same losses.
+
+The module also checks the cluster fixture itself: token auth enforced, a killed raylet
+loses its node for good, and a teardown that stops the cluster's processes and nothing
+else.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import fsspec
 import pytest
 from conftest import REPO
+from helpers import cluster_fixture
 from helpers.cluster_fixture import LocalRayCluster
 from helpers.segment_data import (
     assert_exactly_once,
@@ -55,6 +65,34 @@ CLUSTER_ENV = {
     # A check fails on no answer within 10 s (unchanged), so a busy node is not lost.
     "RAY_health_check_period_ms": "1000",
 }
+
+
+@pytest.fixture(scope="module")
+def head_cluster(s3_server):
+    """The module's cluster: a head node alone (tests add workers). Teardown checks that
+    it stopped every process of the cluster and nothing else (a bystander outlives it)."""
+    bystander = subprocess.Popen(["sleep", "900"], start_new_session=True)
+    try:
+        env = {**s3_server["env"], **CLUSTER_ENV}
+        with LocalRayCluster(head_cpus=NODE_CPUS, worker_cpus=[], env=env) as c:
+            yield c
+            ours = c.processes()
+        assert ours and not any(p.alive() for p in ours), "teardown left cluster processes"
+        assert c.processes() == []
+        assert all(n.process.poll() is not None for n in [c.head, *c.workers])
+        assert bystander.poll() is None, "a process the cluster did not start was stopped"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.fixture
+def cluster(head_cluster):
+    """The module's cluster; the worker nodes the test adds are removed after it."""
+    added = len(head_cluster.workers)
+    yield head_cluster
+    for node in head_cluster.workers[added:]:
+        head_cluster.remove_node(node)
 
 
 def poll(condition, what: str, cluster: LocalRayCluster, job_id: str, timeout: float = 180.0):
@@ -112,8 +150,50 @@ def finished(cluster: LocalRayCluster, job_id: str, timeout: float) -> str:
     return logs
 
 
+def test_token_auth_is_enforced(cluster):
+    anonymous = urllib.request.Request(cluster.dashboard_url + "/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, timeout=10)
+    assert refused.value.code == 401  # no token
+    wrong = urllib.request.Request(anonymous.full_url, headers={"Authorization": "Bearer x"})
+    with pytest.raises(urllib.error.HTTPError) as forbidden:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert forbidden.value.code == 403  # another token
+    assert isinstance(cluster.http("/api/jobs/"), list)  # with the token: answered
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    env["RAY_AUTH_TOKEN"] = "0" * 64  # a client with the wrong token is refused too
+    wrong = subprocess.run(
+        [cluster_fixture.RAY, "job", "list", "--address", cluster.dashboard_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.returncode != 0
+    assert cluster.ray_cli("job", "list", "--address", cluster.dashboard_url).returncode == 0
+
+
+def test_kill_raylet_loses_the_node_for_good(cluster):
+    """What the node-loss tests rely on: kill_raylet() takes one node away (its raylet
+    and everything under it) and the GCS reports it dead; the rest stay alive."""
+    other = cluster.add_node(1)
+    victim = cluster.add_node(1)
+    victim_procs = victim.processes()
+    assert len(victim_procs) >= 3  # ray start, raylet, agents
+    cluster.kill_raylet(victim)
+    states = {n["node_id"]: n["state"] for n in cluster.nodes()}
+    assert states[victim.node_id] == "DEAD"
+    assert states[cluster.head.node_id] == states[other.node_id] == "ALIVE"
+    deadline = time.monotonic() + 30
+    while any(p.alive() for p in victim_procs) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the victim's `ray start --block` stops the rest of its node
+    assert not any(p.alive() for p in victim_procs), "the lost node is gone entirely"
+
+
 @pytest.mark.timeout(420)
-def test_segment_survives_losing_a_worker_node_exactly_once(s3_server, s3_bucket, tmp_path):
+def test_segment_survives_losing_a_worker_node_exactly_once(
+    cluster, s3_server, s3_bucket, tmp_path
+):
     from maskrcnn.checkpoint import save
 
     storage = s3_server["storage_options"]
@@ -132,39 +212,38 @@ def test_segment_survives_losing_a_worker_node_exactly_once(s3_server, s3_bucket
         fs.invalidate_cache()
         return fs.glob(f"{s3_bucket}/out/part-*.parquet")
 
-    env = {**s3_server["env"], **CLUSTER_ENV}
-    with LocalRayCluster(head_cpus=NODE_CPUS, worker_cpus=[NODE_CPUS], env=env) as cluster:
-        worker = cluster.workers[0]
-        job = cluster.submit(
-            ["maskrcnn", "segment", f"s3://{s3_bucket}/in", out, "--model", model]
-            + ["--actors", "2", "--cpus-per-actor", str(CPUS_PER_ACTOR), "--batch-size", "4"]
-            + ["--rows-per-part", "2", "--score-threshold", "0", "--max-detections", "10"],
-            working_dir=REPO,
-        )
+    worker = cluster.add_node(NODE_CPUS)  # this test's own, to lose
+    job = cluster.submit(
+        ["maskrcnn", "segment", f"s3://{s3_bucket}/in", out, "--model", model]
+        + ["--actors", "2", "--cpus-per-actor", str(CPUS_PER_ACTOR), "--batch-size", "4"]
+        + ["--rows-per-part", "2", "--score-threshold", "0", "--max-detections", "10"],
+        working_dir=REPO,
+    )
 
-        # In progress on the worker node: its model actor has done a batch and holds
-        # another (task states reach the state API within about a second; a batch
-        # takes longer, and Ray Data queues more than one per actor).
-        def model_actor_on_worker_node():
-            return alive_actors_on(cluster, worker.node_id, "Segmenter", job)
+    # The two model actors, one per node (a node hosts one 2-CPU actor beside the CPU
+    # stages), then in progress on the worker node: its model actor has done a batch
+    # and holds another (task states reach the state API within about a second; a
+    # batch takes longer, and Ray Data queues more than one per actor).
+    def model_actors_on_both_nodes():
+        on_head = alive_actors_on(cluster, cluster.head.node_id, "Segmenter", job)
+        on_worker = alive_actors_on(cluster, worker.node_id, "Segmenter", job)
+        return on_worker if on_head and on_worker else None
 
-        victims = poll(model_actor_on_worker_node, "a model actor on the worker node", cluster, job)
+    victims = poll(model_actors_on_both_nodes, "a model actor on each node", cluster, job)
 
-        def done_and_busy() -> int:
-            states = [t["state"] for t in actor_tasks(cluster, victims[0]["actor_id"])]
-            done = states.count("FINISHED")
-            return done if done and len(states) > done + states.count("FAILED") else 0
+    def done_and_busy() -> int:
+        states = [t["state"] for t in actor_tasks(cluster, victims[0]["actor_id"])]
+        done = states.count("FINISHED")
+        return done if done and len(states) > done + states.count("FAILED") else 0
 
-        done_at_kill = poll(
-            done_and_busy, "the model actor on the worker node at work", cluster, job
-        )
-        committed_at_kill = len(parts())
-        killed_at = time.monotonic()
-        cluster.kill_raylet(worker)
-        dead_after = time.monotonic() - killed_at
-        logs = finished(cluster, job, timeout=300)
-        recovered_after = time.monotonic() - killed_at
-        victim_tasks = actor_tasks(cluster, victims[0]["actor_id"])
+    done_at_kill = poll(done_and_busy, "the model actor on the worker node at work", cluster, job)
+    committed_at_kill = len(parts())
+    killed_at = time.monotonic()
+    cluster.kill_raylet(worker)
+    dead_after = time.monotonic() - killed_at
+    logs = finished(cluster, job, timeout=300)
+    recovered_after = time.monotonic() - killed_at
+    victim_tasks = actor_tasks(cluster, victims[0]["actor_id"])
 
     # The node was lost with work left, its model actor busy: the batches it held
     # failed with it and were redone on the head by the same actor, restarted there
@@ -184,6 +263,7 @@ def test_segment_survives_losing_a_worker_node_exactly_once(s3_server, s3_bucket
     table, manifest = read_back(out, storage)
     assert_exactly_once(table, uris)
     assert set(table.column("status").to_pylist()) == {"ok"}
+    assert set(table.column("model").to_pylist()) == {manifest["model"]}
     counts = manifest["counts"]
     assert (counts["images"], counts["ok"], counts["error"]) == (IMAGES, IMAGES, 0)
     files = committed_files(out, storage)
@@ -198,7 +278,9 @@ def test_segment_survives_losing_a_worker_node_exactly_once(s3_server, s3_bucket
 
 
 @pytest.mark.timeout(420)
-def test_train_survives_losing_a_worker_node_from_its_checkpoint(s3_server, s3_bucket, tmp_path):
+def test_train_survives_losing_a_worker_node_from_its_checkpoint(
+    cluster, s3_server, s3_bucket, tmp_path
+):
     storage = s3_server["storage_options"]
     fs = fsspec.filesystem("s3", **storage)
     make_shapes_dataset(f"s3://{s3_bucket}/shapes", 16, 64, seed=5, options=storage)
@@ -212,56 +294,52 @@ def test_train_survives_losing_a_worker_node_from_its_checkpoint(s3_server, s3_b
         except FileNotFoundError:
             return None
 
-    env = {**s3_server["env"], **CLUSTER_ENV}
-    with LocalRayCluster(head_cpus=NODE_CPUS, worker_cpus=[NODE_CPUS], env=env) as cluster:
-        worker = cluster.workers[0]
-        job = cluster.submit(
-            ["maskrcnn", "train", "--data", f"s3://{s3_bucket}/shapes/train", "--preset", "tiny"]
-            + ["--min-size", "64", "--max-size", "64", "--workers", "2", "--lr", "0.01"]
-            + ["--cpus-per-worker", str(CPUS_PER_ACTOR), "--batch-size", "2", "--log-every", "1"]
-            + ["--iters", str(iterations), "--checkpoint-every", str(every)]
-            + ["--keep-checkpoints", "2", "--max-failures", "3"]
-            + ["--storage", f"s3://{s3_bucket}/runs", "--name", "lost-node"],
-            working_dir=REPO,
-        )
+    worker = cluster.add_node(NODE_CPUS)  # this test's own, to lose
+    job = cluster.submit(
+        ["maskrcnn", "train", "--data", f"s3://{s3_bucket}/shapes/train", "--preset", "tiny"]
+        + ["--min-size", "64", "--max-size", "64", "--workers", "2", "--lr", "0.01"]
+        + ["--cpus-per-worker", str(CPUS_PER_ACTOR), "--batch-size", "2", "--log-every", "1"]
+        + ["--iters", str(iterations), "--checkpoint-every", str(every)]
+        + ["--keep-checkpoints", "2", "--max-failures", "3"]
+        + ["--storage", f"s3://{s3_bucket}/runs", "--name", "lost-node"],
+        working_dir=REPO,
+    )
 
-        # Mid-run: a checkpoint registered, the first attempt one iteration past it (so the
-        # resumed run redoes an iteration it logged) and one of its workers on the worker node.
-        def past_a_checkpoint_with_a_worker_on_the_worker_node():
-            checkpoint = registered_checkpoint(read_text)
-            if not checkpoint:
-                return None
-            ranks = [json.loads(read_text(f"workers/rank-{r}.json") or "{}") for r in (0, 1)]
-            if not all(s.get("start_iteration") == 0 for s in ranks):
-                return None
-            logged = losses_by_iteration(
-                "\n".join(train_lines(cluster.job_logs(job), ranks[0]["pid"]))
-            )
-            if checkpoint + 1 not in logged:
-                return None
-            if not alive_actors_on(cluster, worker.node_id, "RayTrainWorker", job):
-                return None
-            return checkpoint, ranks
+    # Mid-run: a checkpoint registered, the first attempt one iteration past it (so the
+    # resumed run redoes an iteration it logged) and one of its workers on the worker node.
+    def past_a_checkpoint_with_a_worker_on_the_worker_node():
+        checkpoint = registered_checkpoint(read_text)
+        if not checkpoint:
+            return None
+        ranks = [json.loads(read_text(f"workers/rank-{r}.json") or "{}") for r in (0, 1)]
+        if not all(s.get("start_iteration") == 0 for s in ranks):
+            return None
+        logged = losses_by_iteration("\n".join(train_lines(cluster.job_logs(job), ranks[0]["pid"])))
+        if checkpoint + 1 not in logged:
+            return None
+        if not alive_actors_on(cluster, worker.node_id, "RayTrainWorker", job):
+            return None
+        return checkpoint, ranks
 
-        checkpoint_at_kill, first = poll(
-            past_a_checkpoint_with_a_worker_on_the_worker_node,
-            "an iteration past a registered checkpoint, a worker on the worker node",
-            cluster,
-            job,
-        )
-        killed_at = time.monotonic()
-        cluster.kill_raylet(worker)
-        dead_after = time.monotonic() - killed_at
-        # Two 2-CPU workers do not fit the 3-CPU head: a replacement node joins, as an
-        # autoscaler would add one; Ray Train places the new worker group there.
-        replacement = cluster.add_node(NODE_CPUS)
-        logs = finished(cluster, job, timeout=300)
-        recovered_after = time.monotonic() - killed_at
-        on_replacement = [
-            a
-            for a in cluster.actors("RayTrainWorker")
-            if a["node_id"] == replacement.node_id and a["job_id"] == cluster.job(job)["job_id"]
-        ]
+    checkpoint_at_kill, first = poll(
+        past_a_checkpoint_with_a_worker_on_the_worker_node,
+        "an iteration past a registered checkpoint, a worker on the worker node",
+        cluster,
+        job,
+    )
+    killed_at = time.monotonic()
+    cluster.kill_raylet(worker)
+    dead_after = time.monotonic() - killed_at
+    # Two 2-CPU workers do not fit the 3-CPU head: a replacement node joins, as an
+    # autoscaler would add one; Ray Train places the new worker group there.
+    replacement = cluster.add_node(NODE_CPUS)
+    logs = finished(cluster, job, timeout=300)
+    recovered_after = time.monotonic() - killed_at
+    on_replacement = [
+        a
+        for a in cluster.actors("RayTrainWorker")
+        if a["node_id"] == replacement.node_id and a["job_id"] == cluster.job(job)["job_id"]
+    ]
 
     # Resumed from a checkpoint of the first attempt (the one seen, or one registered
     # between seeing it and the kill), never from 0, and trained the rest exactly once.
@@ -281,6 +359,7 @@ def test_train_survives_losing_a_worker_node_from_its_checkpoint(s3_server, s3_b
     assert redone or start > checkpoint_at_kill
     assert [before[i] for i in redone] == [resumed[i] for i in redone]
     assert f"finished at iteration {iterations}" in logs
+    assert "model.safetensors" in logs  # the log names the model it wrote
     assert [s["start_iteration"] for s in restarted] == [start, start]
     assert {s["pid"] for s in restarted}.isdisjoint(s["pid"] for s in first)
     assert on_replacement, "the new worker group used the replacement node"

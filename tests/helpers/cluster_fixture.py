@@ -430,6 +430,24 @@ class LocalRayCluster:
 
         self._wait(dead, f"the GCS to mark {node.name} dead", [self.head], wait_dead)
 
+    def remove_node(self, node: Node, timeout: float = 60.0) -> None:
+        """Stop worker node ``node`` as an autoscaler scales one down (SIGTERM to its `ray
+        start --block`, which stops the node's processes) and wait until the GCS counts
+        it dead. A node already lost is left as it is."""
+        if node.head:
+            raise ValueError("remove_node takes a worker node; stop() ends the cluster")
+        if node.killed:
+            return
+        node_id = self._node_id(node)
+        node.process.send_signal(signal.SIGTERM)
+        node.killed = True
+
+        def dead() -> bool:
+            states = {n["node_id"]: n["state"] for n in self.nodes()}
+            return states.get(node_id) == "DEAD"
+
+        self._wait(dead, f"the GCS to count {node.name} removed", [self.head], timeout)
+
     # -- teardown --
 
     def processes(self) -> list[Proc]:
