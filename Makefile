@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-gpu gpu-check lint demo bench install clean
+.PHONY: test test-fast test-gpu gpu-check lint demo bench install clean
 
 # Install only when pyproject.toml or constraints.txt changed since the last install.
 $(STAMP): pyproject.toml constraints.txt
@@ -19,8 +19,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two xdist workers. The modules with Ray tests form two groups (tests/conftest.py,
+# RAY_MODULES), each run by one worker one test at a time; the other modules fill in.
+XDIST := -n 2
+
 test: $(STAMP) lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
+
+# The tests not marked slow: the development loop.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The CUDA tests (tests/gpu, marker gpu), which `make test` never collects. They need an
 # NVIDIA GPU; GPU_TEST_DEVICE=cpu runs them on CPU. PY_GPU: a Python with torch and

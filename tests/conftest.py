@@ -74,7 +74,8 @@ def s3_bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray instance shared by the unit-level tests of a session.
+    """One embedded Ray instance shared by the tests of a session that run on Ray: the
+    in-process ones, and CLI processes that join it (``ray_address``).
 
     Tests that need their own cluster (multi-node, `ray start`) start and stop
     it themselves; they must not use this fixture in the same process.
@@ -90,6 +91,94 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The shared instance's address, for a `maskrcnn` process to join (--address)."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+# Fixtures that start or join Ray: the shared instance, and the `ray start` clusters.
+LOCAL_RAY_FIXTURES = {"ray_local", "ray_address"}
+CLUSTER_FIXTURES = {"head_cluster", "shapes_cluster"}
+
+# The modules with tests that run Ray, by the xdist group that runs them. A group is one
+# unit of work: one worker runs its tests one after the other, so at most two Rays run
+# at once (one per core) and the modules without Ray fill in around them.
+RAY_MODULES = {
+    "tests/fault/test_node_loss.py": "ray start clusters",
+    "tests/test_cluster_shapes.py": "ray start clusters",
+    "tests/fault/test_bad_data_at_scale.py": "ray",
+    "tests/fault/test_concurrent_runs.py": "ray",
+    "tests/fault/test_storage_faults.py": "ray",
+    "tests/test_demo.py": "ray",
+    "tests/test_inputs.py": "ray",
+    "tests/test_install.py": "ray",
+    "tests/test_segment.py": "ray",
+    "tests/test_segment_executor.py": "ray",
+    "tests/test_segment_shards.py": "ray",
+    "tests/test_train.py": "ray",
+}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's own scheduling by scope, with RAY_MODULES' groups as scopes (its
+    ``xdist_group`` marker does not group under this pytest: it rewrites a node id that
+    pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return RAY_MODULES.get(_module(nodeid), nodeid)
+
+    return RayGroupScheduling(config, log)
+
+
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_a_ray_group(request):
+    """A test outside the Ray groups that starts Ray in this process fails: that Ray would
+    run beside the Ray groups' own."""
+    before = _ray_is_up()
+    yield
+    if request.node.get_closest_marker("ray") is None and not before and _ray_is_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray: mark it `ray` or use the ray_local fixture")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks ``ray`` every test that runs Ray (by marker, or through a Ray fixture); each
+    must be in a module of RAY_MODULES. In a module, its tests on `ray start` clusters
+    run first and those on the shared instance last, so that the shared instance starts
+    after the tests whose process runs a Ray of its own."""
+
+    def order(item) -> int:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if not item.get_closest_marker("ray"):
+            return 3
+        if fixtures & CLUSTER_FIXTURES:
+            return 0
+        return 2 if fixtures & LOCAL_RAY_FIXTURES else 1
+
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("ray") or fixtures & (LOCAL_RAY_FIXTURES | CLUSTER_FIXTURES):
+            item.add_marker(pytest.mark.ray)
+            if _module(item.nodeid) not in RAY_MODULES:
+                raise pytest.UsageError(
+                    f"{item.nodeid} runs Ray: add its module to RAY_MODULES in tests/conftest.py"
+                )
+    items.sort(key=order)  # stable: collection order within
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -92,7 +92,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def shapes_cluster():
     with LocalRayCluster(head_cpus=2, worker_cpus=[2, 2], env=CLUSTER_ENV) as c:
         yield c
 
@@ -122,19 +122,22 @@ def run_cli(argv, env, timeout=240) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_three_two_cpu_nodes(cluster, data, tmp_path):
+def test_three_two_cpu_nodes(shapes_cluster, data, tmp_path):
     """Default flags and --actors 2 each finish with every input once; a 3-CPU actor,
     which no node hosts, fails before any row with the one-line message."""
     for name, flags in (("default", []), ("two", ["--actors", "2"])):
         out = tmp_path / name
-        done = run_cli(segment_argv(data, out, "--address", cluster.address, *flags), cluster.env)
+        done = run_cli(
+            segment_argv(data, out, "--address", shapes_cluster.address, *flags), shapes_cluster.env
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         table, _ = read_back(str(out))
         assert_exactly_once(table, data["uris"])
 
     out = tmp_path / "three"
     bad = run_cli(
-        segment_argv(data, out, "--address", cluster.address, "--cpus-per-actor", "3"), cluster.env
+        segment_argv(data, out, "--address", shapes_cluster.address, "--cpus-per-actor", "3"),
+        shapes_cluster.env,
     )
     assert bad.returncode != 0
     errors = [line for line in bad.stderr.splitlines() if "error:" in line]
@@ -146,7 +149,7 @@ def test_three_two_cpu_nodes(cluster, data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_train_whose_workers_no_node_can_host_says_so(cluster, tmp_path):
+def test_train_whose_workers_no_node_can_host_says_so(shapes_cluster, tmp_path):
     """`maskrcnn train` asking for 5-CPU workers on 2-CPU nodes says what waits and why,
     every MASKRCNN_WAIT_INTERVAL_S, instead of waiting silently."""
     make_shapes_dataset(str(tmp_path / "shapes"), 4, size=64)
@@ -154,8 +157,8 @@ def test_train_whose_workers_no_node_can_host_says_so(cluster, tmp_path):
     proc = maskrcnn_process(
         ["train", "--data", str(tmp_path / "shapes" / "train"), "--preset", "tiny",
          "--workers", "1", "--cpus-per-worker", "5", "--iters", "2",
-         "--storage", str(tmp_path / "runs"), "--address", cluster.address],
-        cwd=tmp_path, env_extra={**cluster.env, "MASKRCNN_WAIT_INTERVAL_S": "2"},
+         "--storage", str(tmp_path / "runs"), "--address", shapes_cluster.address],
+        cwd=tmp_path, env_extra={**shapes_cluster.env, "MASKRCNN_WAIT_INTERVAL_S": "2"},
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -196,7 +199,7 @@ def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local, sigint):
     """Ray Data's iterator can block the driver's main thread in a lock wait with no
     timeout: the stall must end that wait, not only flag it for later; also in a process
     that started with SIGINT ignored (inherited: a CI run hung so), and SIGINT's handler
-    is what it was afterwards."""
+    is what it was afterwards. On Ray: the stall's message reads the cluster's shapes."""
     import signal
 
     from pipeline.segment.watchdog import StallError, Watchdog
@@ -220,7 +223,7 @@ def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local, sigint):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_path):
+def test_stall_ends_with_an_error_and_a_rerun_completes_once(shapes_cluster, data, tmp_path):
     """The only node that hosts a 3-CPU actor is lost after the first part: the run
     ends with the stall error, its parts stay, and a re-run with such a node back
     completes the output exactly once."""
@@ -230,8 +233,8 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_
     slow = tiny_model(0)
     slow.cfg = slow.cfg.replace(min_size=512, max_size=800)
     save(slow, str(tmp_path / "slow.safetensors"))
-    many = write_local(tmp_path / "in", make_images(24, seed=6, odd=False))
-    big = cluster.add_node(3)
+    many = write_local(tmp_path / "in", make_images(12, seed=6, odd=False))
+    big = shapes_cluster.add_node(3)
     out = tmp_path / "out"
     argv = [
         sys.executable,
@@ -253,9 +256,9 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_
         "--stall-timeout",
         "20",
         "--address",
-        cluster.address,
+        shapes_cluster.address,
     ]
-    env = {**cluster.env, "PYTHONPATH": str(REPO)}
+    env = {**shapes_cluster.env, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -265,7 +268,7 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no part within 240 s"
             time.sleep(0.2)  # polling interval of a condition with a deadline
-        cluster.kill_raylet(big)
+        shapes_cluster.kill_raylet(big)
         try:
             _, stderr = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
@@ -281,15 +284,17 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(cluster, data, tmp_
     committed = len(list(out.glob("part-*.parquet")))
     assert 0 < committed < len(many), committed
 
-    cluster.add_node(3)
-    again = run_cli(argv, cluster.env)
+    shapes_cluster.add_node(3)
+    again = run_cli(argv, shapes_cluster.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{committed} of {len(many)} images already committed" in again.stdout + again.stderr
     table, _ = read_back(str(out))
     assert_exactly_once(table, many)
 
 
+# Its own Ray: starting a local instance when the recorded cluster is gone is the point.
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_a_dead_recorded_cluster_does_not_stop_segment(data, tmp_path):
     """`ray start` recorded a cluster that is gone: segment says so and runs locally."""

@@ -13,7 +13,8 @@ from helpers.proc import run_maskrcnn
 
 from pipeline.output.schema import committed_files, read_manifest
 
-pytestmark = pytest.mark.slow
+# Its own process and Ray: the demo starts an embedded instance as a user's first run does.
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SMALL = ["--train-images", "12", "--val-images", "6", "--train-iters", "6", "--images", "8"]
 SMALL += ["--size", "64"]

@@ -265,13 +265,19 @@ def test_model_actor_killed_mid_run_still_exactly_once(
     assert set(table.column("status").to_pylist()) == {"ok"}
 
 
-def _cli(args: list[str], log: Path) -> subprocess.Popen:
+def _cli(args: list[str], log: Path, ray_address: str) -> subprocess.Popen:
+    """`maskrcnn segment ARGS`, a driver process of its own that joins the shared Ray."""
     return maskrcnn_process(
-        ["segment", *args], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        ["segment", *args],
+        cwd=REPO,
+        env_extra={"RAY_ADDRESS": ray_address},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
 
 
-def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
+@pytest.mark.slow
+def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models, ray_address):
     uris = write_local(tmp_path / "in", make_images(24, seed=11, odd=False))
     out = tmp_path / "out"
     args = [
@@ -280,7 +286,7 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
         "--score-threshold", "0", "--max-detections", "20",
     ]  # fmt: skip
     same = opts(batch_size=2, rows_per_part=2, max_detections=20)  # what args say
-    first = _cli(args, tmp_path / "first.log")
+    first = _cli(args, tmp_path / "first.log", ray_address)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and first.poll() is None:
@@ -316,7 +322,7 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models):
     ):
         segment(str(tmp_path / "in"), str(out), ModelSource(checkpoint=models["b"][0]), same)
 
-    rerun = _cli(args, tmp_path / "rerun.log")
+    rerun = _cli(args, tmp_path / "rerun.log", ray_address)
     try:
         rerun.wait(timeout=300)
     finally:

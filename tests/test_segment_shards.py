@@ -63,6 +63,9 @@ def _marker(path: Path) -> tuple[Path, str]:
     return Path(part), digest
 
 
+# Its own Ray: the fault hook (FAULT_ENV) reaches the tasks through the environment.
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identically(
     tmp_path, model_path
 ):

@@ -116,6 +116,9 @@ def _check_row(row: dict, expected: Expected) -> None:
             assert y1 - pad_y <= by and by + bh <= y2 + pad_y, (row["uri"], inst["box"])
 
 
+# Its own Ray: the memory of the process tree (driver, raylet, workers) is measured.
+@pytest.mark.slow
+@pytest.mark.ray
 def test_mixed_set_every_image_accounted_for_errors_explained_memory_bounded(tmp_path, model_path):
     clean = write_clean_set(tmp_path / "clean", IMAGES)
     mixed = write_mixed_set(tmp_path / "mixed", IMAGES, seed=3)

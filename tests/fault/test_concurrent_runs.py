@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import pyarrow.parquet as pq
+import pytest
 from helpers.proc import kill_group, maskrcnn_process
 from helpers.segment_data import make_images, tiny_model, write_local
 
@@ -25,7 +26,8 @@ REFUSALS = (
 )
 
 
-def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path):
+@pytest.mark.slow
+def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path, ray_address):
     from maskrcnn.checkpoint import save
 
     model = str(tmp_path / "tiny.safetensors")
@@ -34,7 +36,9 @@ def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path):
     out = tmp_path / "out"
     args = ["segment", str(tmp_path / "in"), str(out), "--model", model, "--actors", "1",
             "--cpus-per-actor", "1", "--batch-size", "2", "--rows-per-part", "2"]  # fmt: skip
-    procs = [maskrcnn_process(args, cwd=tmp_path) for _ in range(2)]
+    # Both drivers join the tests' shared Ray instance, as two jobs on one cluster do.
+    join = {"RAY_ADDRESS": ray_address}
+    procs = [maskrcnn_process(args, cwd=tmp_path, env_extra=join) for _ in range(2)]
     results = []
     try:
         for p in procs:

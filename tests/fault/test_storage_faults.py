@@ -23,6 +23,9 @@ from helpers.segment_data import make_images, tiny_model, write_local, write_s3
 
 from pipeline.output.schema import MANIFEST_NAME, committed_files, read_manifest
 
+# Their own Ray: credentials and endpoint reach the Ray workers through the environment.
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 SECRET_KEY_ID = "AKIAFAULTSUITEKEY0001"
 SECRET_KEY = "fault-suite-secret-key-do-not-print"
 SIGNATURE = "SIGNATUREfaultsuite42"
