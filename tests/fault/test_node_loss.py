@@ -243,15 +243,25 @@ def test_segment_survives_losing_a_worker_node_exactly_once(
     dead_after = time.monotonic() - killed_at
     logs = finished(cluster, job, timeout=300)
     recovered_after = time.monotonic() - killed_at
-    victim_tasks = actor_tasks(cluster, victims[0]["actor_id"])
+
+    def lost_and_redone() -> tuple[list[dict], list[dict], set[str]]:
+        tasks = actor_tasks(cluster, victims[0]["actor_id"])
+        lost = [t for t in tasks if t["state"] == "FAILED" and t["node_id"] == worker.node_id]
+        redone = {t["task_id"] for t in tasks if t["state"] == "FINISHED"}
+        return tasks, lost, redone & {t["task_id"] for t in lost}
+
+    # Task states reach the state API a moment after they change (about a second, more
+    # on a busy machine): the last attempts may show only after the job has ended.
+    victim_tasks, lost, redone = lost_and_redone()
+    deadline = time.monotonic() + 60
+    while not (lost and redone) and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling interval of a condition with a deadline
+        victim_tasks, lost, redone = lost_and_redone()
 
     # The node was lost with work left, its model actor busy: the batches it held
     # failed with it and were redone on the head by the same actor, restarted there
     # (Ray Data's actors restart without limit, and their calls are retried).
     assert committed_at_kill < PARTS
-    lost = [t for t in victim_tasks if t["state"] == "FAILED" and t["node_id"] == worker.node_id]
-    redone = {t["task_id"] for t in victim_tasks if t["state"] == "FINISHED"}
-    redone &= {t["task_id"] for t in lost}
     assert lost and redone, victim_tasks
     assert all(
         t["node_id"] == cluster.head.node_id
