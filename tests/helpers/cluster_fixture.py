@@ -423,12 +423,7 @@ class LocalRayCluster:
             raise ClusterError(f"{node.name} has no raylet running")
         raylet.signal(signal.SIGKILL)
         node.killed = True
-
-        def dead() -> bool:
-            states = {n["node_id"]: n["state"] for n in self.nodes()}
-            return states.get(node_id) == "DEAD"
-
-        self._wait(dead, f"the GCS to mark {node.name} dead", [self.head], wait_dead)
+        self._wait_dead(node_id, f"the GCS to mark {node.name} dead", wait_dead)
 
     def remove_node(self, node: Node, timeout: float = 60.0) -> None:
         """Stop worker node ``node`` as an autoscaler scales one down (SIGTERM to its `ray
@@ -441,12 +436,16 @@ class LocalRayCluster:
         node_id = self._node_id(node)
         node.process.send_signal(signal.SIGTERM)
         node.killed = True
+        self._wait_dead(node_id, f"the GCS to count {node.name} removed", timeout)
+
+    def _wait_dead(self, node_id: str, what: str, timeout: float) -> None:
+        """Until the GCS reports node ``node_id`` DEAD (``what`` names the wait)."""
 
         def dead() -> bool:
             states = {n["node_id"]: n["state"] for n in self.nodes()}
             return states.get(node_id) == "DEAD"
 
-        self._wait(dead, f"the GCS to count {node.name} removed", [self.head], timeout)
+        self._wait(dead, what, [self.head], timeout)
 
     # -- teardown --
 
