@@ -22,8 +22,8 @@ pytest, no Ray; it checks for them before any section starts. On the device mach
 (Python 3.12, torch 2.11, no registry) all but pycocotools are there; pycocotools 2.0.11
 (constraints.txt's) travels as a cp312 manylinux wheel in .whl/, fetched here with
 ``pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
---platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11`` (see
-/work/.library/device/README.md), and the call carries .whl::
+--platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11``, and the call carries
+.whl::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
@@ -92,7 +92,7 @@ def sync(device: torch.device) -> None:
 
 
 def set_tf32(on: bool) -> None:
-    from pipeline.segment.stages import set_tf32 as stages_set_tf32
+    from pipeline.segment.stages.model import set_tf32 as stages_set_tf32
 
     stages_set_tf32(on)
 
@@ -264,7 +264,9 @@ def stages_speed(dev: torch.device, sz: Sizes) -> dict:
     from bench.postprocess_bench import photo_jpegs
     from maskrcnn.checkpoint import from_torchvision, state_dict_bytes
     from maskrcnn.masks import paste_masks
-    from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
+    from pipeline.segment.stages.decode import read_and_decode
+    from pipeline.segment.stages.encode import encode_rows
+    from pipeline.segment.stages.model import Segmenter
 
     tv = build_torchvision("v1", 91).to(dev)
     calib = smooth_images([sz.image if sz.batch < 8 else (480, 640)] * 2, seed=4)
@@ -293,7 +295,7 @@ def stages_speed(dev: torch.device, sz: Sizes) -> dict:
     }
     result["decode_images_per_s"] = round(sz.photos / t_decode, 2)
     for fast in (False, True):
-        seg = Segmenter([weights], score_threshold=None, max_detections=20, fast=fast, threads=0)
+        seg = Segmenter(weights, score_threshold=None, max_detections=20, fast=fast, threads=0)
         seg(decoded[0])
         sync(dev)
         t = time.perf_counter()
@@ -313,7 +315,7 @@ def stages_speed(dev: torch.device, sz: Sizes) -> dict:
         np.mean([n for d in dets for n in d.column("n").to_pylist()])
     )
     # Pasting on the device against the CPU, from the same detections of one actor batch.
-    seg = Segmenter([weights], score_threshold=None, max_detections=20, fast=False, threads=0)
+    seg = Segmenter(weights, score_threshold=None, max_detections=20, fast=False, threads=0)
     images = seg._inputs(decoded[0], list(range(decoded[0].num_rows)))
     sizes = [(480, 640)] * len(images)
     out = seg.model.predict(images, original_sizes=sizes, paste_masks=False)

@@ -36,7 +36,7 @@ A100_IMAGES_PER_S = 30.0  # NVIDIA's published Mask R-CNN inference rate, until 
 
 
 def synthetic_detections(n_images: int, seed: int = 0) -> pa.Table:
-    """A Segmenter output batch (see pipeline.segment.stages): n_images 640x480 images with
+    """A Segmenter output batch (see pipeline/segment/stages/model.py): n_images 640x480 images with
     15-20 detections each, boxes of mixed sizes, mask probabilities shaped like objects."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:M, 0:M] / (M - 1) * 2 - 1
@@ -89,7 +89,7 @@ def photo_jpegs(root: Path, n: int, size: tuple[int, int] = (H, W), seed: int = 
 
 def shipped_bytes(paths: list[str], cfg, resize: str) -> float:
     """Mean bytes per image of read_and_decode's image column (what the object store carries)."""
-    from pipeline.segment.stages import read_and_decode
+    from pipeline.segment.stages.decode import read_and_decode
 
     out = read_and_decode(pa.table({"uri": paths}), storage_options=None, cfg=cfg, resize=resize)
     return float(np.mean([len(v.as_py()) for v in out.column("image")]))
@@ -116,7 +116,8 @@ def main() -> None:
 
     from maskrcnn.config import MaskRCNNConfig
     from maskrcnn.masks import paste_masks
-    from pipeline.segment.stages import encode_rows, read_and_decode
+    from pipeline.segment.stages.decode import read_and_decode
+    from pipeline.segment.stages.encode import encode_rows
 
     cfg = MaskRCNNConfig.preset("r50-fpn", num_classes=91)
     dets = synthetic_detections(args.images)

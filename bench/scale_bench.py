@@ -14,7 +14,7 @@
 2. The same for real rows: --real-images small PNGs (64 px, a few shapes each) through
    the tiny model, to show the driver's cost per real row.
 3. Listing straight into plan shards (pipeline.segment.plan.write_plan over
-   inputs.InputListing, what a first start does): a local tree of --list-files empty
+   inputs.listing.InputListing, what a first start does): a local tree of --list-files empty
    .png files (100 per folder), and an S3 prefix of --s3-objects objects on a moto
    server on loopback, fanned out over Ray tasks of a local Ray instance, its shards
    written to the same bucket: seconds and URIs/s.
@@ -148,13 +148,14 @@ def _executor_pid() -> int | None:
 
 def plan_into(output: str, input_uri: str, options: dict | None = None) -> tuple[int, float]:
     """(images, seconds) of listing ``input_uri`` into plan shards under ``output``."""
-    from pipeline.segment.commit import OutputDir
-    from pipeline.segment.inputs import InputListing
+    from pipeline.segment.inputs.kinds import Input
+    from pipeline.segment.inputs.listing import InputListing
+    from pipeline.segment.output import OutputDir
     from pipeline.segment.plan import write_plan
 
     start = time.monotonic()
     plan = write_plan(
-        OutputDir(output, options), InputListing.begin(input_uri, options).chunks(), 1000
+        OutputDir(output, options), InputListing.begin(Input(input_uri, options)).chunks(), 1000
     )
     return plan.images, time.monotonic() - start
 

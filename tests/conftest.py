@@ -116,7 +116,7 @@ RAY_MODULES = {
     "tests/test_inputs.py": "ray",
     "tests/test_install.py": "ray",
     "tests/test_segment.py": "ray",
-    "tests/test_segment_executor.py": "ray",
+    "tests/segment/test_monitor.py": "ray",
     "tests/test_segment_shards.py": "ray",
     "tests/test_train.py": "ray",
 }

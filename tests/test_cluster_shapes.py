@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -172,53 +171,6 @@ def test_train_whose_workers_no_node_can_host_says_so(shapes_cluster, tmp_path):
     line = next(x for x in log.read_text().splitlines() if "waiting for resources" in x)
     assert "1 worker(s) of {5 CPU} each (no node can host one)" in line, line
     assert "CPU: 5" in line and "the cluster has 3 nodes of 2 CPUs" in line, line
-
-
-@pytest.mark.timeout(60)
-def test_the_watchdog_says_how_far_the_run_got_while_nothing_waits():
-    from pipeline.segment.watchdog import Watchdog
-
-    lines: list[str] = []
-    said = threading.Event()
-
-    def log(line: str) -> None:
-        lines.append(line)
-        said.set()
-
-    dog = Watchdog(log, stall_timeout=0, interval=0.05, demands=lambda: [], total=1000)
-    with dog.watching():
-        assert not said.wait(0.5)  # nothing done yet: nothing to say
-        dog.progress(250)
-        assert said.wait(30), "no progress line"
-    assert lines[0].startswith("segment: 250 of 1000 images done ("), lines
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("sigint", ["default", "ignored"])
-def test_a_stall_ends_a_main_thread_blocked_on_a_lock(ray_local, sigint):
-    """Ray Data's iterator can block the driver's main thread in a lock wait with no
-    timeout: the stall must end that wait, not only flag it for later; also in a process
-    that started with SIGINT ignored (inherited: a CI run hung so), and SIGINT's handler
-    is what it was afterwards. On Ray: the stall's message reads the cluster's shapes."""
-    import signal
-
-    from pipeline.segment.watchdog import StallError, Watchdog
-
-    before = signal.signal(
-        signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
-    )
-    try:
-        lines: list[str] = []
-        dog = Watchdog(
-            lines.append, stall_timeout=0.5, demands=lambda: [{"CPU": 3.0, "count": 1.0}]
-        )
-        with pytest.raises(StallError, match=r"cannot place 1 x \{CPU: 3\}"):
-            with dog.watching():
-                threading.Event().wait()  # no timeout: only a real signal ends it
-        expected = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
-        assert signal.getsignal(signal.SIGINT) == expected
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.slow

@@ -14,19 +14,19 @@ import pytest
 
 import pipeline.segment.lease as lease_mod
 from pipeline.output.schema import MANIFEST_NAME, SCHEMA, read_manifest
-from pipeline.segment.commit import (
+from pipeline.segment.commit import Counts, encode_part, finalize, read_counts
+from pipeline.segment.lease import Lease
+from pipeline.segment.output import (
     LOCK_NAME,
+    PLAN_DIR,
     SPEC_NAME,
     OutputDir,
     OutputStateError,
-    encode_part,
-    finalize,
-    read_counts,
+    part_name,
+    piece_dir,
+    shard_name,
 )
-from pipeline.segment.lease import Lease
-from pipeline.segment.parts import assemble_part, piece_dir, write_parts
 from pipeline.segment.plan import (
-    PLAN_DIR,
     Plan,
     SecretsInInput,
     is_plain,
@@ -34,6 +34,7 @@ from pipeline.segment.plan import (
     read_shard,
     write_plan,
 )
+from pipeline.segment.stages.write import ShardRecord, assemble_part, write_parts
 from pipeline.storage import redact, retrying
 
 
@@ -87,12 +88,11 @@ def _batch(uris: list[str], shard: int, size: int, **kw) -> pa.Table:
     return table.append_column("shard_rows", pa.array([size] * n, pa.int64()))
 
 
-def _write(out: OutputDir, batch: pa.Table, rows_per_shard: int, attempt: str = "a1") -> list:
+def _write(out: OutputDir, batch: pa.Table, attempt: str = "a1") -> list:
     return write_parts(
         batch,
         output_uri=out.uri,
         output_options=out.options,
-        rows_per_shard=rows_per_shard,
         attempt=attempt,
     ).to_pylist()
 
@@ -111,7 +111,7 @@ def test_plan_is_shard_files_of_sorted_unique_keys(tmp_path):
     assert plan.digest == plan_digest([uris])
     names = sorted(p.name for p in (tmp_path / "out" / PLAN_DIR).iterdir())
     assert names == [f"shard-{i:06d}.txt" for i in range(5)]
-    shards = [read_shard(out.fs, out.path(plan.shard_name(i))) for i in range(5)]
+    shards = [read_shard(out.fs, out.path(shard_name(i))) for i in range(5)]
     assert [u for shard in shards for u in shard] == uris
     assert Plan.from_spec(plan.to_spec()) == plan
     assert plan.shard_of_part("part-000004.parquet") == 4
@@ -155,7 +155,7 @@ def test_part_bytes_are_a_function_of_the_rows_only(tmp_path):
     # Another order, and a row twice (a retried batch): the same bytes.
     again, _ = encode_part(rows(a[::-1] + a[:1], errors={"/in/c.png"}))
     assert again == data
-    assert counts == {"rows": 3, "ok": 2, "error": 1, "instances": 4}
+    assert counts == Counts(rows=3, ok=2, error=1, instances=4)
     out = OutputDir(str(tmp_path / "out"))
     out.put_bytes("part-000000.parquet", data)
     assert read_counts(out, "part-000000.parquet") == counts
@@ -168,8 +168,8 @@ def test_a_whole_shard_is_its_part_and_a_split_one_is_joined_to_the_same_bytes(t
     _lock(out)
     # Shard 0 whole in one batch; shard 1 split over two batches, one row in both (the
     # same rows twice: a duplicated task).
-    records = _write(out, pa.concat_tables([_batch(uris[:3], 0, 3), _batch(uris[3:4], 1, 3)]), 3)
-    records += _write(out, _batch(uris[3:6], 1, 3, errors={"/in/5.png"})[1:], 3)
+    records = _write(out, pa.concat_tables([_batch(uris[:3], 0, 3), _batch(uris[3:4], 1, 3)]))
+    records += _write(out, _batch(uris[3:6], 1, 3, errors={"/in/5.png"})[1:])
     assert [(r["shard"], r["rows"], r["whole"]) for r in records] == [
         (0, 3, True),
         (1, 1, False),
@@ -177,22 +177,14 @@ def test_a_whole_shard_is_its_part_and_a_split_one_is_joined_to_the_same_bytes(t
     ]
     assert out.part_names() == ["part-000000.parquet"]
     assert len(list((tmp_path / "out" / piece_dir(1)).iterdir())) == 2
-    joined = assemble_part(out.uri, None, 3, "a1", 1, 3)
-    assert joined == {
-        "shard": 1,
-        "rows": 3,
-        "ok": 2,
-        "error": 1,
-        "instances": 4,
-        "missing": 0,
-        "lost": None,
-    }
+    joined = assemble_part(out.uri, None, "a1", 1, 3)
+    assert joined == ShardRecord(1, Counts(rows=3, ok=2, error=1, instances=4), whole=True)
     assert not (tmp_path / "out" / piece_dir(1)).exists()
     whole, _ = encode_part(_batch(uris[3:6], 1, 3, errors={"/in/5.png"}))
-    assert (tmp_path / "out" / plan.part_name(1)).read_bytes() == whole
+    assert (tmp_path / "out" / part_name(1)).read_bytes() == whole
     # The same shard written again, whole (a duplicated task): the same object, once.
-    _write(out, _batch(uris[3:6], 1, 3, errors={"/in/5.png"}), 3)
-    assert (tmp_path / "out" / plan.part_name(1)).read_bytes() == whole
+    _write(out, _batch(uris[3:6], 1, 3, errors={"/in/5.png"}))
+    assert (tmp_path / "out" / part_name(1)).read_bytes() == whole
     manifest = finalize(out, {**SPEC, **plan.to_spec()}, plan, {})
     assert manifest["files"] == ["part-000000.parquet", "part-000001.parquet"]
     assert manifest["counts"] == {"images": 6, "ok": 5, "error": 1, "instances": 10}
@@ -203,8 +195,8 @@ def test_assembly_writes_nothing_while_rows_are_missing(tmp_path):
     uris = [f"/in/{i}.png" for i in range(3)]
     _plan(out, uris, 3)
     _lock(out)
-    _write(out, _batch(uris[:2], 0, 3), 3)
-    assert assemble_part(out.uri, None, 3, "a1", 0, 3)["missing"] == 1
+    _write(out, _batch(uris[:2], 0, 3))
+    assert assemble_part(out.uri, None, "a1", 0, 3).missing == 1
     assert out.part_names() == []
 
 
@@ -213,9 +205,9 @@ def test_a_task_of_a_run_that_lost_the_lease_writes_nothing(tmp_path):
     uris = [f"/in/{i}.png" for i in range(4)]
     _plan(out, uris, 2)
     _lock(out, attempt="intruder")
-    records = _write(out, pa.concat_tables([_batch(uris[:2], 0, 2), _batch(uris[2:3], 1, 2)]), 2)
+    records = _write(out, pa.concat_tables([_batch(uris[:2], 0, 2), _batch(uris[2:3], 1, 2)]))
     assert {r["lost"] for r in records} == {"run r1 (host h) took over"}
-    assert assemble_part(out.uri, None, 2, "a1", 1, 2)["lost"] == "run r1 (host h) took over"
+    assert assemble_part(out.uri, None, "a1", 1, 2).lost == "run r1 (host h) took over"
     assert out.part_names() == [] and not (tmp_path / "out" / piece_dir(1)).exists()
 
 
@@ -226,7 +218,7 @@ def test_finalize_writes_manifest_of_exactly_the_parts(tmp_path):
     _lock(out)
     for shard in range(3):
         chunk = uris[2 * shard : 2 * shard + 2]
-        _write(out, _batch(chunk, shard, len(chunk), errors={"/in/4.png"}), 2)
+        _write(out, _batch(chunk, shard, len(chunk), errors={"/in/4.png"}))
     manifest = finalize(out, SPEC, plan, {"versions": {}})
     assert read_manifest(str(tmp_path / "out")) == manifest
     assert manifest["files"] == out.part_names() and len(manifest["files"]) == 3
@@ -254,7 +246,7 @@ def test_finalize_refuses_a_missing_foreign_or_short_part(tmp_path, extra, match
         chunk = uris[2 * shard : 2 * shard + 2]
         if extra == "short" and shard == 1:
             chunk = chunk[:1]
-        _write(out, _batch(chunk, shard, len(chunk)), 2)
+        _write(out, _batch(chunk, shard, len(chunk)))
     if extra in ("foreign", "old-style"):
         data, _ = encode_part(rows(["/in/9.png"]))
         name = "part-000003.parquet" if extra == "foreign" else "part-0a1b2c3d4e5f60718293.parquet"
@@ -269,9 +261,9 @@ def test_s3_output_atomic_writes_and_clear(s3_server, s3_bucket):
     uris = ["s3://b/in/0.png", "s3://b/in/1.png", "s3://b/in/2.png"]
     plan = _plan(out, uris, 2)
     _lock(out)
-    _write(out, _batch(uris[:2], 0, 2), 2)
-    _write(out, _batch(uris[2:], 1, 1), 2)
-    assert read_shard(out.fs, out.path(plan.shard_name(1))) == uris[2:]
+    _write(out, _batch(uris[:2], 0, 2))
+    _write(out, _batch(uris[2:], 1, 1))
+    assert read_shard(out.fs, out.path(shard_name(1))) == uris[2:]
     finalize(out, SPEC, plan, {})
     assert out.exists(MANIFEST_NAME) and out.part_names() == [
         "part-000000.parquet",

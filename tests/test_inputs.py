@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.inventory_report import csv_gz, manifest
 
-from pipeline.segment.inputs import iter_input_chunks, list_inputs
-from pipeline.segment.listing import iter_prefix, split_prefix
+from pipeline.segment.inputs.listing import iter_input_chunks, list_inputs
+from pipeline.segment.inputs.prefix import iter_prefix, split_prefix
 
 IMAGES = ["a.jpg", "b.JPEG", "sub/c.png", "sub/deeper/d.TIF", "e.tiff", "f.bmp", "g.WebP", "h.gif"]
 OTHERS = ["notes.txt", "sub/data.json", "x.jpg.bak", "Makefile", "sub/deeper/y.parquet"]
@@ -120,7 +120,7 @@ TREE = [
 
 def serial_listing(fs, root):
     """Today's listing, for comparison: one fs.find, image names, sorted and unique."""
-    from pipeline.segment.inputs import is_image_name
+    from pipeline.segment.inputs.names import is_image_name
     from pipeline.storage import full_uri
 
     fs.invalidate_cache()

@@ -30,7 +30,7 @@ from helpers.segment_data import (
 from pipeline.output.schema import MANIFEST_NAME
 from pipeline.segment.driver import segment
 from pipeline.segment.model_source import ModelSource
-from pipeline.segment.parts import FAULT_ENV
+from pipeline.segment.stages.write import FAULT_ENV
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +143,18 @@ def test_s3_inventory_manifest_as_input(ray_local, s3_server, s3_bucket, model_p
 SCALE_SCRIPT = r"""
 import json, sys, tracemalloc
 from pathlib import Path
-from pipeline.segment.commit import OutputDir, finalize
-from pipeline.segment.inputs import InputListing
-from pipeline.segment.plan import Plan, write_plan
+from pipeline.segment.commit import finalize
+from pipeline.segment.output import OutputDir, shard_name
+from pipeline.segment.inputs.kinds import Input
+from pipeline.segment.inputs.listing import InputListing
+from pipeline.segment.plan import write_plan
 
 tree, output, rows = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 out = OutputDir(output)
 tracemalloc.start()
-plan = write_plan(out, InputListing.begin(str(tree)).chunks(), 500)
+plan = write_plan(out, InputListing.begin(Input(str(tree))).chunks(), 500)
 # What the driver does with it: every shard's name and count, and resume's part listing.
-shards = [(plan.shard_name(i), plan.rows(i)) for i in range(plan.shards)]
+shards = [(shard_name(i), plan.rows(i)) for i in range(plan.shards)]
 done = [plan.shard_of_part(n) for n in out.part_names()]
 print(json.dumps({"images": plan.images, "peak": tracemalloc.get_traced_memory()[1]}))
 """

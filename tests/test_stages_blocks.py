@@ -18,8 +18,9 @@ from helpers.segment_data import tiny_model
 from PIL import Image
 
 from maskrcnn.checkpoint import state_dict_bytes
-from pipeline.segment import stages
-from pipeline.segment.stages import Segmenter, decoded_tables, read_and_decode
+from pipeline.segment.stages import decode, read
+from pipeline.segment.stages.decode import decoded_tables, read_and_decode
+from pipeline.segment.stages.model import Segmenter
 
 
 def _png(h: int, w: int, seed: int) -> bytes:
@@ -50,7 +51,7 @@ def test_decode_yields_bounded_tables_holding_the_rows_of_one(block, model, monk
     whole = read_and_decode(block, storage_options=None, cfg=model.cfg)
     assert whole.column("status").to_pylist() == ["ok", "ok", "error", "ok", "ok", "ok"]
     one_image = min(len(v.as_py()) for v in whole.column("image") if v.as_py())
-    monkeypatch.setattr(stages, "DECODED_BYTES_PER_TABLE", one_image)
+    monkeypatch.setattr(decode, "DECODED_BYTES_PER_TABLE", one_image)
     tables = list(decoded_tables(block, storage_options=None, cfg=model.cfg))
     # A table ends at the image that fills it: five images, five tables, the unreadable
     # row in the table of the image after it.
@@ -80,12 +81,12 @@ def test_remote_reads_stay_a_window_ahead_and_in_order(monkeypatch):
     for i, uri in enumerate(uris):
         if i % 7 != 3:
             fs.pipe(uri, str(i).encode())
-    pool = _CountingPool(stages._read_pool())
-    monkeypatch.setattr(stages, "_read_pool", lambda: pool)
-    reads = stages._fetched(uris, None)
+    pool = _CountingPool(read._read_pool())
+    monkeypatch.setattr(read, "_read_pool", lambda: pool)
+    reads = read.fetched(uris, None)
     first = next(reads)
     # Bytes waiting for decode stay bounded: no read of the whole block up front.
-    assert first == b"0" and pool.submitted == stages.READ_AHEAD
+    assert first == b"0" and pool.submitted == read.READ_AHEAD
     rest = [first, *reads]
     assert pool.submitted == len(uris)
     for i, data in enumerate(rest):
@@ -97,7 +98,7 @@ def test_remote_reads_stay_a_window_ahead_and_in_order(monkeypatch):
 
 def test_the_actor_runs_predict_batch_size_images_at_a_time_within_a_block(block, model):
     decoded = read_and_decode(block, storage_options=None, cfg=model.cfg)
-    weights = [state_dict_bytes(model)]
+    weights = state_dict_bytes(model)
     kwargs = dict(score_threshold=0.0, max_detections=5, fast=False, threads=1)
     seg = Segmenter(weights, batch_size=2, **kwargs)
     calls = []
@@ -121,7 +122,9 @@ def test_a_block_of_unreadable_images_is_encoded_without_torch(tmp_path):
         f"""
         import sys
         import pyarrow as pa
-        from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
+        from pipeline.segment.stages.decode import read_and_decode
+        from pipeline.segment.stages.encode import encode_rows
+        from pipeline.segment.stages.model import Segmenter
         uris = [{str(tmp_path / "missing-a.png")!r}, {str(tmp_path / "missing-b.png")!r}]
         decoded = read_and_decode(pa.table({{"uri": uris}}), storage_options=None, cfg=None)
         seg = Segmenter.__new__(Segmenter)
@@ -146,7 +149,7 @@ def test_a_block_of_unreadable_images_is_encoded_without_torch(tmp_path):
 def test_segmenter_refuses_a_batch_size_below_one(model):
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         Segmenter(
-            [state_dict_bytes(model)],
+            state_dict_bytes(model),
             score_threshold=None,
             max_detections=None,
             fast=False,

@@ -17,7 +17,9 @@ from PIL import Image
 
 from maskrcnn.checkpoint import state_dict_bytes
 from pipeline.formats.decode import decode_image
-from pipeline.segment.stages import Segmenter, encode_rows, read_and_decode
+from pipeline.segment.stages.decode import read_and_decode
+from pipeline.segment.stages.encode import encode_rows
+from pipeline.segment.stages.model import Segmenter
 
 
 def _jpeg(h: int, w: int, seed: int) -> bytes:
@@ -77,7 +79,7 @@ def test_bad_resize_mode_is_refused(files, model):
 def test_rows_equal_predict_whether_resized_in_decode_or_in_the_actor(files, model):
     torch.set_num_threads(1)
     seg = Segmenter(
-        [state_dict_bytes(model)], score_threshold=0.0, max_detections=5, fast=False, threads=1
+        state_dict_bytes(model), score_threshold=0.0, max_detections=5, fast=False, threads=1
     )
     rows = {}
     for mode in ("always", "smaller"):

@@ -1,15 +1,6 @@
 """Exactly-once output for `maskrcnn segment`: parts, plan, manifest.
 
-Layout of an OUTPUT (any fsspec URI)::
-
-    OUTPUT/_manifest.json          commit point, written last (pipeline/output/schema.py)
-    OUTPUT/part-<shard>.parquet    committed parts: the rows of one plan shard each
-    OUTPUT/_run/run.json           the unfinished run's spec: model id, options, INPUT, plan size
-    OUTPUT/_run/plan/shard-*.txt   its sorted, unique image keys in shards (pipeline/segment/plan.py)
-    OUTPUT/_run/pieces/<shard>/    rows of a shard written in more than one batch, until joined
-    OUTPUT/_run/lock.json          the lease of the run writing now (pipeline/segment/lease.py)
-
-Protocol:
+The names under OUTPUT are in pipeline/segment/output.py. Protocol:
 
 1. First start: list INPUT once, streaming it into the plan's shard files, then write the
    spec. A re-run of the same command reads the spec back instead of listing again: the
@@ -43,131 +34,48 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, astuple, dataclass, fields
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.output.schema import FORMAT, MANIFEST_NAME, SCHEMA
-from pipeline.segment.plan import PART_PREFIX, Plan
-from pipeline.storage import atomic_write, get_fs, join, protocol_of, redact, retrying
+from pipeline.output.schema import FORMAT, SCHEMA
+from pipeline.segment.output import MANIFEST_NAME, SPEC_NAME, OutputDir, now_iso
+from pipeline.segment.plan import Plan
+from pipeline.storage import retrying
 
-RUN_DIR = "_run"
-SPEC_NAME = f"{RUN_DIR}/run.json"
-LOCK_NAME = f"{RUN_DIR}/lock.json"
 COUNTS_KEY = "maskrcnn.counts"
 FOOTER_THREADS = 16
 
 
-class OutputStateError(ValueError):
-    """OUTPUT is in a state this run may not touch; the message says why and what to do."""
+@dataclass(frozen=True)
+class Counts:
+    """Rows by outcome, and the instances in them: of a part, a record, a run. Adds up."""
 
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+    instances: int = 0
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
+    @classmethod
+    def of_rows(cls, table: pa.Table) -> Counts:
+        """The counts of rows in SCHEMA."""
+        ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+        instances = int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0)
+        return cls(table.num_rows, ok, table.num_rows - ok, instances)
 
-@dataclass
-class OutputDir:
-    """An OUTPUT folder at any fsspec URI, with the storage options to reach it."""
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Counts:
+        return cls(*(int(values.get(f.name) or 0) for f in fields(cls)))
 
-    uri: str
-    options: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        self.fs, self.root = get_fs(self.uri, self.options)
-        self.root = self.root.rstrip("/")
-        self.local = protocol_of(self.uri) == "file"
-        self.created = self.local and not os.path.exists(self.root)
-
-    def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-    def show(self, rel: str = "") -> str:
-        """Redacted URI of ``rel`` under OUTPUT, for messages."""
-        return redact(join(self.uri, rel) if rel else self.uri)
-
-    # --- small objects -----------------------------------------------------------
-    def exists(self, rel: str) -> bool:
-        self.fs.invalidate_cache(self.path(rel))
-        return retrying(self.fs.exists, self.path(rel), what=f"checking {self.show(rel)}")
-
-    def read_json(self, rel: str) -> dict[str, Any] | None:
-        try:
-            data = retrying(self.fs.cat_file, self.path(rel), what=f"reading {self.show(rel)}")
-        except FileNotFoundError:
-            return None
-        try:
-            value = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
-
-    def put_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` so that readers see all of it or nothing (storage.atomic_write)."""
-        atomic_write(join(self.uri, rel), data, self.options)
-
-    def put_json(self, rel: str, value: dict[str, Any]) -> None:
-        self.put_bytes(rel, json.dumps(value, indent=1, sort_keys=True).encode())
-
-    def remove(self, rel: str, recursive: bool = False) -> None:
-        path = self.path(rel)
-        try:
-            if recursive:
-                if retrying(self.fs.exists, path):
-                    retrying(self.fs.rm, path, True, what=f"deleting {self.show(rel)}")
-            else:
-                retrying(self.fs.rm_file, path, what=f"deleting {self.show(rel)}")
-        except FileNotFoundError:
-            pass
-
-    # --- parts -----------------------------------------------------------------------
-    def part_names(self) -> list[str]:
-        """Names of the committed parts (``part-*.parquet`` directly under OUTPUT)."""
-        self.fs.invalidate_cache(self.root)  # s3fs caches listings; parts come and go
-        try:
-            entries = retrying(self.fs.ls, self.root, False, what=f"listing {self.show()}")
-        except FileNotFoundError:
-            return []
-        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        return sorted(n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
-
-    def remove_empty_run_dir(self) -> None:
-        """Remove ``_run/`` when it holds nothing, and OUTPUT too if this run made it empty."""
-        if self.local:
-            for path in [self.path(RUN_DIR)] + ([self.root] if self.created else []):
-                try:
-                    os.rmdir(path)  # only when empty
-                except OSError:
-                    pass
-
-    def remove_temporaries(self) -> None:
-        """Temp files of local writes a killed run left behind (never read: see put_bytes)."""
-        if self.local and os.path.isdir(self.root):
-            for name in os.listdir(self.root):
-                if ".tmp-" in name and name.startswith(PART_PREFIX):
-                    self.remove(name)
-
-    def clear(self) -> None:
-        """Remove what segment wrote (manifest first, so no reader sees a half-deleted set)."""
-        self.remove(MANIFEST_NAME)
-        for name in self.part_names():
-            self.remove(name)
-        self.remove(SPEC_NAME)
-        self.remove(f"{RUN_DIR}/plan", recursive=True)
-        self.remove(f"{RUN_DIR}/pieces", recursive=True)
-        self.remove_temporaries()
-
-
-def part_counts(table: pa.Table) -> dict[str, int]:
-    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    instances = int(pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0)
-    return {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "instances": instances}
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 def canonical_rows(table: pa.Table) -> pa.Table:
@@ -187,26 +95,26 @@ def canonical_rows(table: pa.Table) -> pa.Table:
     return table
 
 
-def encode_part(table: pa.Table) -> tuple[bytes, dict[str, int]]:
+def encode_part(table: pa.Table) -> tuple[bytes, Counts]:
     """Rows -> (Parquet bytes, counts). The bytes depend on the rows only (see module doc)."""
     return parquet_part(canonical_rows(table))
 
 
-def parquet_part(table: pa.Table) -> tuple[bytes, dict[str, int]]:
+def parquet_part(table: pa.Table) -> tuple[bytes, Counts]:
     """:func:`encode_part` of rows that are canonical_rows' already."""
-    counts = part_counts(table)
+    counts = Counts.of_rows(table)
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, SCHEMA, compression="zstd") as writer:
         writer.write_table(table)
-        writer.add_key_value_metadata({COUNTS_KEY: json.dumps(counts, sort_keys=True)})
+        writer.add_key_value_metadata({COUNTS_KEY: json.dumps(counts.to_dict(), sort_keys=True)})
     return buf.getvalue(), counts
 
 
-def read_counts(out: OutputDir, name: str) -> dict[str, int]:
+def read_counts(out: OutputDir, name: str) -> Counts:
     """A part's counts from its footer alone: rows from the Parquet metadata, the rest from
     the key-value metadata encode_part writes. Raises ValueError when they disagree."""
 
-    def read() -> dict[str, int]:
+    def read() -> Counts:
         with out.fs.open(out.path(name), "rb") as f:
             meta = pq.ParquetFile(f).metadata
         counts = json.loads((meta.metadata or {}).get(COUNTS_KEY.encode(), b"{}"))
@@ -215,7 +123,7 @@ def read_counts(out: OutputDir, name: str) -> dict[str, int]:
                 f"{out.show(name)}: its footer counts {counts.get('rows')} rows, the file "
                 f"holds {meta.num_rows}; re-run with --overwrite"
             )
-        return {k: int(counts.get(k, 0)) for k in ("rows", "ok", "error", "instances")}
+        return Counts.from_dict(counts)
 
     return retrying(read, what=f"reading {out.show(name)}")
 
@@ -259,16 +167,20 @@ def finalize(
         )
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
         footers = list(pool.map(lambda name: read_counts(out, name), names))
-    counts = {"images": plan.images, "ok": 0, "error": 0, "instances": 0}
     for name, footer in zip(names, footers):
-        if footer["rows"] != plan.rows(shards[name]):
+        if footer.rows != plan.rows(shards[name]):
             raise RuntimeError(
-                f"{out.show(name)} holds {footer['rows']} rows, its shard "
+                f"{out.show(name)} holds {footer.rows} rows, its shard "
                 f"{plan.rows(shards[name])}; not committing. Re-run with --overwrite"
             )
-        for key in ("ok", "error", "instances"):
-            counts[key] += footer[key]
-    if counts["ok"] + counts["error"] != counts["images"]:
+    total = sum(footers, Counts())
+    counts = {
+        "images": plan.images,
+        "ok": total.ok,
+        "error": total.error,
+        "instances": total.instances,
+    }
+    if total.ok + total.error != plan.images:
         raise RuntimeError(f"{out.show()}: part counts do not add up ({counts}); not committing")
     manifest = {
         "format": FORMAT,

@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.segment.commit import LOCK_NAME, OutputDir, OutputStateError, now_iso
+from pipeline.segment.output import LOCK_NAME, OutputDir, OutputStateError, now_iso
 from pipeline.storage import first_line
 
 HEARTBEAT_SECONDS = float(os.environ.get("MASKRCNN_HEARTBEAT_SECONDS", "10"))

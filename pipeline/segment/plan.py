@@ -20,20 +20,16 @@ reading, a single URI.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.storage import redact
+from pipeline.segment.output import OutputDir, part_name, part_number, shard_name
+from pipeline.storage import redact, retrying
 
-PLAN_DIR = "_run/plan"
-SHARD_PREFIX = "shard-"
-PART_PREFIX = "part-"
 WRITE_THREADS = 16  # shard files written at once while the listing goes on
-_PART = re.compile(rf"^{PART_PREFIX}(\d+)\.parquet$")
 
 
 class SecretsInInput(Exception):
@@ -57,19 +53,12 @@ class Plan:
         """How many images shard ``shard`` holds."""
         return min(self.rows_per_shard, self.images - shard * self.rows_per_shard)
 
-    def shard_name(self, shard: int) -> str:
-        return f"{PLAN_DIR}/{SHARD_PREFIX}{shard:06d}.txt"
-
-    def part_name(self, shard: int) -> str:
-        return f"{PART_PREFIX}{shard:06d}.parquet"
-
     def shard_of_part(self, name: str) -> int | None:
         """The shard whose part ``name`` is, or None when no shard of this plan has it."""
-        match = _PART.match(name)
-        if match is None:
+        shard = part_number(name)
+        if shard is None:
             return None
-        shard = int(match.group(1))
-        return shard if shard < self.shards and name == self.part_name(shard) else None
+        return shard if shard < self.shards and name == part_name(shard) else None
 
     def to_spec(self) -> dict[str, Any]:
         return {
@@ -100,10 +89,10 @@ def is_plain(uri: str) -> bool:
 
 
 def write_plan(
-    out: Any, keys: Iterable[list[str]], rows_per_shard: int, *, check_plain: bool = True
+    out: OutputDir, keys: Iterable[list[str]], rows_per_shard: int, *, check_plain: bool = True
 ) -> Plan:
     """Stream sorted, unique ``keys`` (in chunks of any size) into shard files under
-    ``out`` (a commit.OutputDir); returns the plan.
+    ``out``; returns the plan.
 
     ``check_plain``: raise SecretsInInput at the first key that is not its own redacted
     form (the keys are URIs as listed). Raises ValueError when the keys are not strictly
@@ -114,12 +103,11 @@ def write_plan(
     digest = hashlib.sha256()
     written: deque[Future] = deque()
     images, shard, buffer, last = 0, 0, [], None
-    plan = Plan(0, rows_per_shard)
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
 
         def flush(rows: list[str], index: int) -> None:
             data = ("\n".join(rows) + "\n").encode()
-            written.append(pool.submit(out.put_bytes, plan.shard_name(index), data))
+            written.append(pool.submit(out.put_bytes, shard_name(index), data))
             while len(written) > 2 * WRITE_THREADS:
                 written.popleft().result()
 
@@ -161,8 +149,6 @@ def plan_digest(keys: Iterable[list[str]]) -> str:
 
 def read_shard(fs: Any, path: str) -> list[str]:
     """The keys of the shard file at ``path`` (on filesystem ``fs``), in order."""
-    from pipeline.storage import retrying
-
     data = retrying(fs.cat_file, path, what=f"reading {redact(path)}")
     return data.decode().splitlines()
 

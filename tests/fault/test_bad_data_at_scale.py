@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 import pipeline.formats.rle as rle
 from pipeline.formats.decode import REDUCE_FROM, decode_for_model, decode_image, reduction_factor
 from pipeline.output.schema import SCHEMA, committed_files, read_manifest
-from pipeline.segment.driver import DECODE_TASK_MEMORY
+from pipeline.segment.run import DECODE_TASK_MEMORY
 
 IMAGES = 200  # per set: 20 broken, 7 odd modes, 4 huge, 3 tiny, 166 plain
 MAX_DETECTIONS = 5

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from pipeline.segment.inputs import is_image_name
-from pipeline.segment.listing import is_local, ordered_map
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.segment.inputs.names import is_image_name
+from pipeline.segment.inputs.prefix import is_local, ordered_map
 from pipeline.storage import first_line, full_uri, redact
 
 PARQUET_BATCH = 65_536  # rows per Parquet batch read
@@ -128,12 +131,8 @@ def read_data_file(fs: Any, path: str, manifest: Manifest, input_uri: str) -> li
         raise FileNotFoundError(f"{where} is missing") from None
     except (gzip.BadGzipFile, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as exc:
         raise ValueError(f"{where} is not gzip-compressed CSV ({first_line(exc)})") from None
-    except Exception as exc:
-        import pyarrow as pa
-
-        if isinstance(exc, pa.ArrowInvalid):
-            raise ValueError(f"{where} is not a Parquet file ({first_line(exc)})") from None
-        raise
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{where} is not a Parquet file ({first_line(exc)})") from None
 
 
 def _csv_keys(fs: Any, path: str, columns: tuple[str, ...], where: str) -> Iterator[str]:
@@ -155,8 +154,6 @@ def _csv_keys(fs: Any, path: str, columns: tuple[str, ...], where: str) -> Itera
 
 
 def _parquet_keys(fs: Any, path: str, where: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
     with fs.open(path, "rb") as f:
         data = pq.ParquetFile(f)
         names = tuple(data.schema_arrow.names)

@@ -1,4 +1,4 @@
-"""Listing at scale: prefixes fanned out over sub-prefixes, and sorted merges that spill to disk.
+"""Listing a prefix at scale: fanned out over sub-prefixes, in Ray tasks or threads.
 
 A prefix is listed in pieces. :func:`split_prefix` lists it one level at a time (``fs.ls``)
 until there are enough sub-prefixes or a depth limit is reached; the files met on the way
@@ -7,20 +7,12 @@ or a thread. Every name under a sub-prefix ``d`` starts with ``d + "/"``, so it 
 one interval that no other piece or file enters: the pieces, each sorted, laid end to end in
 the order of ``d + "/"`` and the file names, *are* the sorted whole, with no merge and with
 only a window of pieces in memory.
-
-Lists of URIs (a .txt or .parquet list, an inventory report) come in any order and may
-repeat a URI anywhere: :func:`sorted_unique` sorts them in runs of at most ``run`` URIs,
-spills each run to a local temporary file, and merges the runs.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
-import os
-import shutil
 import sys
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +20,7 @@ from functools import cache
 from itertools import islice
 from typing import Any, TypeVar
 
-from pipeline.segment.inputs import is_image_name
+from pipeline.segment.inputs.names import is_image_name
 from pipeline.storage import full_uri
 
 T = TypeVar("T")
@@ -40,8 +32,6 @@ LIST_TASKS = 256  # at most this many listing tasks: sub-prefixes beyond it are 
 IN_FLIGHT = 32  # tasks (or threads' jobs) running ahead of the consumer
 THREADS = 16  # threads when the work stays in this process
 TASK_CPUS = 0.25  # listing waits on storage: several tasks share a core
-SORT_RUN = 1_000_000  # URIs sorted in memory at a time before a run spills to disk
-RUN_BATCH = 8192  # URIs per batch in a spilled run (what a merge holds per run)
 
 # Storage that lives in this process or on this machine: a Ray task elsewhere would see
 # another disk (or an empty in-memory store) and list nothing, so it is listed here.
@@ -197,65 +187,3 @@ def iter_prefix(
 def _split(items: list[T], chunk: int) -> Iterator[list[T]]:
     for i in range(0, len(items), chunk):
         yield items[i : i + chunk]
-
-
-# --- sorted and unique, beyond memory ---------------------------------------------------
-def sorted_unique(
-    chunks: Iterable[list[str]], chunk: int, run: int = SORT_RUN
-) -> Iterator[list[str]]:
-    """The distinct strings of ``chunks``, sorted, ``chunk`` at a time.
-
-    At most about ``run`` strings are held to sort; past that, each sorted run is written to
-    a local temporary file (Arrow IPC) and the runs are merged, RUN_BATCH strings per run in
-    memory. The temporary files go when the iterator ends or is closed.
-    """
-    buffer: list[str] = []
-    runs: list[str] = []
-    folder: str | None = None
-    try:
-        for part in chunks:
-            buffer.extend(part)
-            if len(buffer) >= run:
-                folder = folder or tempfile.mkdtemp(prefix="maskrcnn-list-")
-                runs.append(_write_run(os.path.join(folder, f"{len(runs)}.arrow"), buffer))
-                buffer = []
-        last_run = sorted(set(buffer))
-        merged = heapq.merge(*(_read_run(p) for p in runs), last_run) if runs else iter(last_run)
-        out: list[str] = []
-        previous = None
-        for item in merged:
-            if item != previous:
-                out.append(item)
-                previous = item
-                if len(out) == chunk:
-                    yield out
-                    out = []
-        if out:
-            yield out
-    finally:
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _write_run(path: str, items: list[str]) -> str:
-    import pyarrow as pa
-
-    items = sorted(set(items))
-    schema = pa.schema([("s", pa.large_string())])
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for i in range(0, len(items), RUN_BATCH):
-            writer.write_batch(
-                pa.record_batch(
-                    [pa.array(items[i : i + RUN_BATCH], pa.large_string())], schema=schema
-                )
-            )
-    return path
-
-
-def _read_run(path: str) -> Iterator[str]:
-    import pyarrow as pa
-
-    with pa.memory_map(path) as source:
-        reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            yield from reader.get_batch(i).column(0).to_pylist()

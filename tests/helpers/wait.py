@@ -1,0 +1,38 @@
+"""One way for a test to wait for something that happens in another process: poll a
+condition with a deadline (never a bare sleep as synchronisation)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T],
+    what: str,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    gave_up: Callable[[], str | None] | None = None,
+) -> T:
+    """``condition()``'s first truthy value, polled every ``interval`` seconds.
+
+    Fails the test naming ``what`` at the deadline, or as soon as ``gave_up()`` returns a
+    reason why the condition can no longer come true (a job that ended, a process that
+    exited); that reason ends the failure message.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        reason = gave_up() if gave_up is not None else None
+        if reason is not None:
+            pytest.fail(f"gave up waiting for {what}: {reason}")
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)  # the polling interval of a condition with a deadline
