@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
 from maskrcnn.config import MaskRCNNConfig
 from maskrcnn.model import MaskRCNN
@@ -42,10 +43,8 @@ def _read_bytes(uri: str) -> bytes:
             raise FileNotFoundError(f"{uri}: no such checkpoint file")
         with open(path, "rb") as f:
             return f.read()
-    import fsspec
-
     try:
-        with fsspec.open(uri, "rb") as f:
+        with _open_remote(uri, "rb") as f:
             return f.read()
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{_redact(uri)}: no such checkpoint file") from exc
@@ -60,10 +59,16 @@ def _write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)  # a reader never sees half a file
         return
+    with _open_remote(uri, "wb") as f:  # one PUT on object stores: atomic
+        f.write(data)
+
+
+def _open_remote(uri: str, mode: str):
+    """fsspec's file object for a remote ``uri``."""
+    # lazy: maskrcnn/ runs without fsspec, which only remote URIs need (import: ~11 ms)
     import fsspec
 
-    with fsspec.open(uri, "wb") as f:  # one PUT on object stores: atomic
-        f.write(data)
+    return fsspec.open(uri, mode)
 
 
 def _redact(uri: str) -> str:
@@ -227,8 +232,6 @@ def _rename_torchvision_key(key: str) -> str:
 
 def coco_class_names() -> list[str]:
     """torchvision's 91 COCO category names (index = label; "N/A" for unused ids)."""
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
-
     return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 

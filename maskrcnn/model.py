@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from maskrcnn import masks as mask_ops
+import maskrcnn.masks as mask_ops
 from maskrcnn.backbone import Backbone
 from maskrcnn.config import MaskRCNNConfig
 from maskrcnn.roi_heads import RoIHeads
