@@ -1,4 +1,5 @@
-"""Anchors, box coding (t_x, t_y, t_w, t_h), matching and balanced sampling.
+"""Anchors, box coding (t_x, t_y, t_w, t_h), matching and balanced sampling: what the RPN
+and the RoI heads share, down to the selection both end with (clip, filter, NMS).
 
 Boxes are float tensors [N, 4] in (x1, y1, x2, y2) pixel coordinates unless
 a docstring says otherwise.
@@ -10,7 +11,7 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+from torchvision.ops import batched_nms, box_iou
 
 # exp(dw) is clamped so that a box grows at most 1000/16 times its anchor.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -203,6 +204,40 @@ def nonempty(boxes: Tensor, min_size: float) -> Tensor:
     return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
 
 
+def select_boxes(
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+    passed: Tensor,
+    image_size: tuple[int, int],
+    min_size: float,
+    nms_thresh: float,
+    top_n: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One image's boxes that pass, clipped to it and not empty, after NMS within each
+    group, best top_n first: how the RPN ends (groups: levels) and the RoI heads (classes).
+
+    Args:
+        boxes (Tensor[N, 4]): float boxes, (x1, y1, x2, y2), not yet clipped.
+        scores (Tensor[N]): their scores, higher is better.
+        groups (Tensor[N]): int64 group of each box; NMS never compares two groups.
+        passed (Tensor[N]): bool, the boxes whose score the caller's threshold keeps.
+        image_size (tuple[int, int]): (height, width) of the image.
+        min_size (float): the smallest side kept after clipping, in pixels.
+        nms_thresh (float): IoU above which NMS drops the lower-scoring box.
+        top_n (int): most boxes kept.
+
+    Returns:
+        tuple[Tensor[K, 4], Tensor[K], Tensor[K]]: the kept boxes (clipped), scores and
+        groups, by descending score.
+    """
+    boxes = clip_boxes(boxes, image_size)
+    keep = passed & nonempty(boxes, min_size)
+    boxes, scores, groups = boxes[keep], scores[keep], groups[keep]
+    keep = batched_nms(boxes, scores, groups, nms_thresh)[:top_n]
+    return boxes[keep], scores[keep], groups[keep]
+
+
 # --- matching and sampling ----------------------------------------------------
 
 BACKGROUND = -1
@@ -249,6 +284,55 @@ def match(
         _, cand = torch.nonzero(iou == best_per_gt[:, None], as_tuple=True)
         matches[cand] = best_gt[cand]
     return matches
+
+
+def match_labels(
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    candidates: Tensor,
+    fg_thresh: float,
+    bg_thresh: float,
+    low_quality: bool,
+) -> tuple[Tensor, Tensor]:
+    """Each candidate's match (see match) and its sampling label for sample_balanced.
+
+    Args:
+        gt_boxes (Tensor[G, 4]): float ground-truth boxes, (x1, y1, x2, y2); G may be 0.
+        gt_labels (Tensor[G]): int64 class of each box, >= 1 (all 1 for objectness).
+        candidates (Tensor[N, 4]): float anchors or proposals, (x1, y1, x2, y2).
+        fg_thresh (float): as for match.
+        bg_thresh (float): as for match.
+        low_quality (bool): as for match.
+
+    Returns:
+        tuple[Tensor[N], Tensor[N]]: int64 matches (index in gt_boxes, BACKGROUND or
+        IGNORE) and labels (the matched box's class, 0 for BACKGROUND, IGNORED_LABEL
+        for IGNORE).
+    """
+    matches = match(gt_boxes, candidates, fg_thresh, bg_thresh, low_quality)
+    labels = gt_labels[matches.clamp(min=0)] if gt_boxes.numel() else matches.clamp(min=0)
+    labels = torch.where(matches >= 0, labels, torch.zeros_like(labels))
+    labels[matches == IGNORE] = IGNORED_LABEL
+    return matches, labels
+
+
+def regression_targets(
+    gt_boxes: Tensor, matches: Tensor, candidates: Tensor, weights: tuple[float, ...]
+) -> Tensor:
+    """The deltas (t_x, t_y, t_w, t_h) from each candidate to its matched box.
+
+    Args:
+        gt_boxes (Tensor[G, 4]): float ground-truth boxes, (x1, y1, x2, y2); G may be 0.
+        matches (Tensor[N]): int64 matches of the candidates (see match); only those
+            >= 0 give targets that a loss reads.
+        candidates (Tensor[N, 4]): float anchors or proposals, (x1, y1, x2, y2).
+        weights (tuple[float, ...]): (wx, wy, ww, wh), as for encode_boxes.
+
+    Returns:
+        Tensor[N, 4]: the deltas (each candidate against itself when G is 0).
+    """
+    gt = gt_boxes[matches.clamp(min=0)] if gt_boxes.numel() else candidates
+    return encode_boxes(gt, candidates, weights)
 
 
 def sample_balanced(

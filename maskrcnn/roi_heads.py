@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from maskrcnn.anchors import (
-    IGNORE,
-    IGNORED_LABEL,
-    clip_boxes,
     decode_boxes,
-    encode_boxes,
-    match,
-    nonempty,
+    match_labels,
+    regression_targets,
     sample_balanced,
+    select_boxes,
 )
 from maskrcnn.backbone import conv_block
 from maskrcnn.config import FPN_LEVELS, MaskRCNNConfig
@@ -23,27 +19,38 @@ from maskrcnn.masks import mask_targets
 from maskrcnn.poolers import inference_maps, multiscale_roi_align
 
 
-class BoxHead(nn.Module):
-    """RoI features [K, C, 7, 7] -> [K, box_head_dim] (2fc, or 4conv1fc with BatchNorm).
+class ConvHead(nn.Module):
+    """The start both heads share: 3x3 conv blocks (conv, optional BatchNorm, ReLU) on
+    the pooled RoI features [K, C, n, n], as ``convs``; each head adds its layers.
 
     Args:
-        cfg (MaskRCNNConfig): box_head, box_head_dim and box_roi_size.
         channels (int): C, channels of the pooled features.
+        widths (tuple[int, ...]): output channels of each block; empty: no convs.
+        norm (bool): a BatchNorm after each conv.
+    """
+
+    def __init__(self, channels: int, widths: tuple[int, ...], norm: bool):
+        super().__init__()
+        blocks, cin = [], channels
+        for c in widths:
+            blocks.append(conv_block(cin, c, 3, norm=norm, relu=True))
+            cin = c
+        self.convs = nn.Sequential(*blocks)
+        self.out_channels = cin
+
+
+class BoxHead(ConvHead):
+    """RoI features [K, C, 7, 7] -> [K, box_head_dim]: cfg.box_head "2fc" (two fc layers)
+    or "4conv1fc" (four convs with BatchNorm, one fc), fc width cfg.box_head_dim, for
+    RoIs pooled to cfg.box_roi_size; C is ``channels``.
     """
 
     def __init__(self, cfg: MaskRCNNConfig, channels: int):
-        super().__init__()
+        two_fc = cfg.box_head == "2fc"
+        super().__init__(channels, () if two_fc else (channels,) * 4, norm=True)
         r = cfg.box_roi_size
-        if cfg.box_head == "2fc":
-            self.convs = nn.Sequential()
-            self.fc6 = nn.Linear(channels * r * r, cfg.box_head_dim)
-            self.fc7 = nn.Linear(cfg.box_head_dim, cfg.box_head_dim)
-        else:
-            self.convs = nn.Sequential(
-                *[conv_block(channels, channels, 3, norm=True, relu=True) for _ in range(4)]
-            )
-            self.fc6 = nn.Linear(channels * r * r, cfg.box_head_dim)
-            self.fc7 = None
+        self.fc6 = nn.Linear(channels * r * r, cfg.box_head_dim)
+        self.fc7 = nn.Linear(cfg.box_head_dim, cfg.box_head_dim) if two_fc else None
 
     def forward(self, x: Tensor) -> Tensor:
         # fc6 (12544 -> 1024 per RoI) is most of the head's work: under autocast (fast
@@ -77,21 +84,15 @@ class BoxPredictor(nn.Module):
             return self.cls_score(x), self.bbox_pred(x)
 
 
-class MaskHead(nn.Module):
-    """FCN on [K, C, 14, 14]: 3x3 convs, 2x2 deconv, 1x1 -> logits [K, num_classes, 28, 28].
-
-    Args:
-        cfg (MaskRCNNConfig): mask_head_channels, mask_head_norm and num_classes.
-        channels (int): C, channels of the pooled features.
+class MaskHead(ConvHead):
+    """FCN on [K, C, 14, 14]: 3x3 convs (cfg.mask_head_channels, BatchNorm if
+    cfg.mask_head_norm), 2x2 deconv, 1x1 -> logits [K, cfg.num_classes, 28, 28]; C is
+    ``channels``.
     """
 
     def __init__(self, cfg: MaskRCNNConfig, channels: int):
-        super().__init__()
-        layers, cin = [], channels
-        for c in cfg.mask_head_channels:
-            layers.append(conv_block(cin, c, 3, norm=cfg.mask_head_norm, relu=True))
-            cin = c
-        self.convs = nn.Sequential(*layers)
+        super().__init__(channels, cfg.mask_head_channels, cfg.mask_head_norm)
+        cin = self.out_channels
         self.deconv = nn.ConvTranspose2d(cin, cin, 2, stride=2)
         self.logits = nn.Conv2d(cin, cfg.num_classes, 1)
         for m in self.modules():
@@ -186,38 +187,53 @@ class RoIHeads(nn.Module):
             sampled RoIs), ``loss_box_reg`` (smooth-L1 of the class's deltas on the
             foreground RoIs, over the number sampled) and ``loss_mask`` (see mask_loss).
         """
-        cfg = self.cfg
         rois, labels, regression, matched_gt = [], [], [], []
         for props, t in zip(proposals, targets):
-            props = torch.cat([props, t["boxes"]])  # ground truth joins the proposals
-            m = match(t["boxes"], props, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False)
-            lab = t["labels"][m.clamp(min=0)] if t["boxes"].numel() else m.clamp(min=0)
-            lab = torch.where(m >= 0, lab, torch.zeros_like(lab))
-            lab[m == IGNORE] = IGNORED_LABEL
-            pos, neg = sample_balanced(lab, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
-            keep = torch.cat([pos, neg])
-            rois.append(props[keep])
-            labels.append(lab[keep])
-            gt = t["boxes"][m[keep].clamp(min=0)] if t["boxes"].numel() else props[keep]
-            regression.append(encode_boxes(gt, props[keep], cfg.bbox_reg_weights))
-            matched_gt.append(m[keep])
-        pooled = self._pool(feats, rois, image_sizes, cfg.box_roi_size)
-        dtype = feats[0].dtype
-        logits, deltas = self.box_predictor(self.box_head(pooled.to(dtype)))
-        logits, deltas = logits.float(), deltas.float()
-        labels_t = torch.cat(labels)
-        loss_cls = F.cross_entropy(logits, labels_t)
-        pos = torch.nonzero(labels_t > 0).squeeze(1)
-        deltas = deltas.reshape(deltas.shape[0], -1, 4)
-        loss_box = F.smooth_l1_loss(
-            deltas[pos, labels_t[pos]], torch.cat(regression)[pos], beta=1.0 / 9, reduction="sum"
-        ) / max(labels_t.numel(), 1)
-        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+            r, lab, reg, m = self._sample_rois(props, t)
+            rois.append(r)
+            labels.append(lab)
+            regression.append(reg)
+            matched_gt.append(m)
+        losses = self._box_losses(
+            feats, rois, torch.cat(labels), torch.cat(regression), image_sizes
+        )
         losses["loss_mask"] = self.mask_loss(feats, rois, labels, matched_gt, image_sizes, targets)
         return losses
 
     # Calling the module trains: forward is losses. Inference is detect.
     forward = losses
+
+    def _sample_rois(
+        self, proposals: Tensor, target: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One image's RoIs for the losses, sampled among its proposals [P, 4] and its
+        ground-truth boxes: the RoIs [K, 4], their int64 labels [K] (0 background), box
+        regression targets [K, 4] and matched ground-truth indices [K]."""
+        cfg = self.cfg
+        gt = target["boxes"]
+        props = torch.cat([proposals, gt])  # ground truth joins the proposals
+        m, lab = match_labels(
+            gt, target["labels"], props, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False
+        )
+        pos, neg = sample_balanced(lab, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
+        keep = torch.cat([pos, neg])
+        rois, matched = props[keep], m[keep]
+        regression = regression_targets(gt, matched, rois, cfg.bbox_reg_weights)
+        return rois, lab[keep], regression, matched
+
+    def _box_losses(self, feats, rois, labels: Tensor, regression: Tensor, image_sizes):
+        """``loss_classifier`` and ``loss_box_reg`` (see :meth:`losses`) of the sampled
+        ``rois`` (per image), given their labels [K] and regression targets [K, 4]."""
+        pooled = self._pool(feats, rois, image_sizes, self.cfg.box_roi_size)
+        logits, deltas = self.box_predictor(self.box_head(pooled.to(feats[0].dtype)))
+        logits, deltas = logits.float(), deltas.float()
+        loss_cls = F.cross_entropy(logits, labels)
+        pos = torch.nonzero(labels > 0).squeeze(1)
+        deltas = deltas.reshape(deltas.shape[0], -1, 4)
+        loss_box = F.smooth_l1_loss(
+            deltas[pos, labels[pos]], regression[pos], beta=1.0 / 9, reduction="sum"
+        ) / max(labels.numel(), 1)
+        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
     def mask_loss(self, feats, rois, labels, matched_gt, image_sizes, targets) -> Tensor:
         """Per-pixel BCE on the ground-truth class's channel of the positive RoIs.
@@ -306,13 +322,12 @@ class RoIHeads(nn.Module):
         """One image's detections from its decoded boxes [P, num_classes, 4] and class
         probabilities [P, num_classes]: every (box, class) pair but the background's
         above score_thresh and not empty, after per-class NMS, best max_det first."""
-        b = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)
+        b = boxes[:, 1:].reshape(-1, 4)
         s = probs[:, 1:].reshape(-1)
         lab = torch.arange(1, self.cfg.num_classes, device=b.device).repeat(probs.shape[0])
-        keep = (s > score_thresh) & nonempty(b, 1e-2)
-        b, s, lab = b[keep], s[keep], lab[keep]
-        keep = batched_nms(b, s, lab, self.cfg.box_nms_thresh)[:max_det]
-        return {"boxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+        nms = self.cfg.box_nms_thresh
+        b, s, lab = select_boxes(b, s, lab, s > score_thresh, size, 1e-2, nms, max_det)
+        return {"boxes": b, "scores": s, "labels": lab}
 
     def _add_masks(self, results, maps, image_sizes, dtype: torch.dtype, channels_last: bool):
         """Set each result's ``mask_probs``: the mask head, for all detections of the

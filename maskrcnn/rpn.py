@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from maskrcnn.anchors import (
-    IGNORE,
-    IGNORED_LABEL,
     AnchorGenerator,
-    clip_boxes,
     decode_boxes,
-    encode_boxes,
-    match,
-    nonempty,
+    match_labels,
+    regression_targets,
     sample_balanced,
+    select_boxes,
 )
 from maskrcnn.config import MaskRCNNConfig
 
@@ -164,11 +160,11 @@ class RPN(nn.Module):
         top_boxes, top_scores = boxes[rows, idx], torch.sigmoid(logits[rows, idx])
         out = []
         for bx, sc, size in zip(top_boxes, top_scores, image_sizes):
-            bx = clip_boxes(bx, size)
-            keep = nonempty(bx, 1e-3) & (sc >= self.cfg.rpn_score_thresh)
-            bx, sc, lv = bx[keep], sc[keep], level[keep]
-            keep = batched_nms(bx, sc, lv, self.cfg.rpn_nms_thresh)[:post_n]
-            out.append(bx[keep])
+            passed = sc >= self.cfg.rpn_score_thresh
+            bx, _, _ = select_boxes(
+                bx, sc, level, passed, size, 1e-3, self.cfg.rpn_nms_thresh, post_n
+            )
+            out.append(bx)
         return out
 
     def losses(
@@ -194,14 +190,12 @@ class RPN(nn.Module):
         cfg = self.cfg
         labels, regression = [], []
         for t in targets:
-            m = match(
-                t["boxes"], anchors, cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, low_quality=True
+            objects = t["boxes"].new_ones(len(t["boxes"]), dtype=torch.int64)  # one class
+            m, lab = match_labels(
+                t["boxes"], objects, anchors, cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, True
             )
-            lab = (m >= 0).to(torch.int64)
-            lab[m == IGNORE] = IGNORED_LABEL
             labels.append(lab)
-            gt = t["boxes"][m.clamp(min=0)] if t["boxes"].numel() else anchors
-            regression.append(encode_boxes(gt, anchors, RPN_WEIGHTS))
+            regression.append(regression_targets(t["boxes"], m, anchors, RPN_WEIGHTS))
         labels_t = torch.stack(labels)
         pos_idx, neg_idx = [], []
         for i, lab in enumerate(labels):
