@@ -193,10 +193,6 @@ def multiscale_roi_align(
         Tensor[sum K_i, C, n, n]: fp32, in the boxes' order (channels-last memory
         when pooled by the gathered kernel).
     """
-    # The scale is taken against the largest image of the batch, as feature maps are.
-    ref = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-    scales = level_scales(feats, ref)
-    k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
     rois = _batched_rois(boxes)
     channels = feats[0].shape[1]
     needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in feats)
@@ -207,7 +203,7 @@ def multiscale_roi_align(
     out = torch.zeros(shape, dtype=torch.float32, device=rois.device)
     if rois.shape[0] == 0:
         return out.permute(0, 3, 1, 2) if gathered else out
-    levels = assign_levels(rois[:, 1:], canonical_scale, canonical_level, k_min, k_max)
+    levels, scales = _roi_levels(feats, rois, image_sizes, canonical_scale, canonical_level)
     for lvl, (feat, scale) in enumerate(zip(feats, scales)):
         idx = torch.nonzero(levels == lvl).squeeze(1)
         if idx.numel() == 0:
@@ -220,6 +216,23 @@ def multiscale_roi_align(
         else:
             out[idx] = pooled
     return out.permute(0, 3, 1, 2) if gathered else out
+
+
+def _roi_levels(
+    feats: list[Tensor],
+    rois: Tensor,
+    image_sizes: list[tuple[int, int]],
+    canonical_scale: int,
+    canonical_level: int,
+) -> tuple[Tensor, list[float]]:
+    """Which of ``feats`` each of ``rois`` [R, 5] is pooled from (int64 [R], 0 for the
+    first), and each level's scale (feature pixels per image pixel)."""
+    # The scale is taken against the largest image of the batch, as feature maps are.
+    ref = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
+    scales = level_scales(feats, ref)
+    k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+    levels = assign_levels(rois[:, 1:], canonical_scale, canonical_level, k_min, k_max)
+    return levels, scales
 
 
 def _batched_rois(boxes: list[Tensor]) -> Tensor:
