@@ -19,7 +19,8 @@ from pipeline.train.spec import TrainSpec
 
 @dataclass
 class TrainOptions:
-    """What `maskrcnn train` was asked for (CLI flags, same names)."""
+    """What `maskrcnn train` was asked for (CLI flags, same names). Flags that pass
+    straight into the TrainSpec take its defaults: each default is written once."""
 
     data: str
     storage: str = "runs"
@@ -31,25 +32,25 @@ class TrainOptions:
     max_size: int | None = None
     workers: int = 1
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = TrainSpec.cpus_per_worker
     batch_size: int = 2  # images per worker per iteration
     iters: int | None = None
     epochs: float | None = None
     lr: float | None = None  # default: 0.02 * global batch / 16 (linear scaling rule)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = TrainSpec.momentum
+    weight_decay: float = TrainSpec.weight_decay
     warmup_iters: int | None = None
     lr_steps: tuple[float, ...] = (0.75, 0.92)  # fractions of the run (or absolute iterations)
-    lr_gamma: float = 0.1
-    clip_grad: float = 10.0
-    amp: bool = False
+    lr_gamma: float = TrainSpec.lr_gamma
+    clip_grad: float = TrainSpec.clip_grad
+    amp: bool = TrainSpec.amp
     scale_jitter: float = 0.25
-    flip: bool = True
-    checkpoint_every: int = 500
+    flip: bool = TrainSpec.flip
+    checkpoint_every: int = TrainSpec.checkpoint_every
     keep_checkpoints: int = 3
-    eval_every: int = 0
+    eval_every: int = TrainSpec.eval_every
     max_failures: int = 3
-    seed: int = 0
+    seed: int = TrainSpec.seed
     log_every: int | None = None
     loader_workers: int | None = None
     endpoint_url: str | None = None
