@@ -129,7 +129,7 @@ def driver_run(
         "rows_per_s_in_run": float(found.group(3)) if found else None,
         "driver_cpu_s": round(last[0], 2),
         "driver_peak_rss_mib": round(last[1] / 2**20, 1),
-        # Ray Data's executor, in its actor beside the driver (pipeline/segment/executor.py)
+        # Ray Data's executor, in its actor beside the driver (pipeline/segment/monitor.py)
         "executor_cpu_s": round(executor_cpu, 2) if executor is not None else None,
     }
 

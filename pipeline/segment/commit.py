@@ -7,7 +7,7 @@ The names under OUTPUT are in pipeline/segment/output.py. Protocol:
    images a run covers are fixed when it starts. A re-run whose model, INPUT, score
    threshold, max detections or fast mode differ is refused unless --overwrite.
 2. A shard is the unit of work, commit and resume. Ray tasks read it, process it, and
-   write its part ``part-<shard>.parquet`` themselves (pipeline/segment/parts.py), in
+   write its part ``part-<shard>.parquet`` themselves (stages/write.py), in
    one atomic step: one PUT on an object store (S3 shows a whole object or none), a temp
    file + rename on a local disk. A part's name is fixed by the plan and its bytes by its
    rows, so a retried or duplicated task writes the same object again. The driver learns

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import ray
 
 from pipeline.cluster import init_ray
 from pipeline.segment.inputs.kinds import Input
@@ -122,7 +121,8 @@ class PipelineJob:
     ) -> Callable[[], Any]:
         """What builds the pipeline over ``pending`` shards of ``run``, for the executor
         actor to call, so that the pipeline's input blocks are that actor's objects."""
-        sources = run.shared_sources()
+        import ray  # lazy: see SegmentRun.execute (Ray is up by the time this runs)
+
         job = cls(
             plan=run.plan,
             pending=pending,
@@ -134,7 +134,7 @@ class PipelineJob:
             model_id=run.spec["model"],
             output=(run.out.uri, run.out.options),
             attempt=run.lease.attempt,
-            sources=None if sources is None else Shared(sources),
+            sources=None if run.sources is None else Shared(ray.put(run.sources)),
             model=Shared(ray.put(model_bytes)),
         )
         return functools.partial(build_dataset, job)
@@ -258,7 +258,7 @@ def _ranges(plan: Plan, shards: list[int], per_block: int) -> list[pa.Table]:
 
 def _new_spec(model: Any, source: ModelSource, inputs: Input, opts: SegmentOptions) -> dict:
     """This invocation's spec: a fresh run id and the fields that decide what rows hold."""
-    from maskrcnn.checkpoint import model_id  # torch is loaded by now: load_model did it
+    from maskrcnn.checkpoint import model_id  # lazy: a bad INPUT fails before torch loads
 
     return {
         "run_id": uuid.uuid4().hex[:16],
@@ -277,15 +277,5 @@ def _new_spec(model: Any, source: ModelSource, inputs: Input, opts: SegmentOptio
 
 
 def _versions() -> dict[str, str]:
-    import torch  # loaded by load_model already; not at import (see stages/decode.py)
-    import torchvision
-
-    import maskrcnn
-
-    return {
-        "maskrcnn": maskrcnn.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pa.__version__,
-    }
+    names = ("maskrcnn", "torch", "torchvision", "ray", "pyarrow")
+    return {name: sys.modules[name].__version__ for name in names}  # all loaded by now

@@ -16,14 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-
 from pipeline.cluster import launching, node_shapes, wait_interval
 from pipeline.segment.commit import finalize, spec_mismatches
 from pipeline.segment.inputs.kinds import Input
 from pipeline.segment.inputs.listing import CHUNK, InputListing, list_inputs
 from pipeline.segment.lease import Lease
-from pipeline.segment.monitor import ShardTracker, Watchdog, remote_rows
 from pipeline.segment.output import MANIFEST_NAME, PLAN_DIR, SPEC_NAME, OutputDir, OutputStateError
 from pipeline.segment.plan import Plan, SecretsInInput, chunked, plan_digest, write_plan
 from pipeline.segment.resources import actor_plan
@@ -131,6 +128,10 @@ class SegmentRun:
 
         Returns this run's figures (ShardTracker.summary).
         """
+        # lazy: monitor.py imports ray, and a bad INPUT or model fails before Ray is
+        # imported (0.3 s; tests/test_cli_args.py checks that it is not)
+        from pipeline.segment.monitor import ShardTracker, Watchdog, remote_rows
+
         pending = self.pending()
         started = time.monotonic()
         tracker = ShardTracker(self.out, self.plan, self.lease, started)
@@ -174,10 +175,6 @@ class SegmentRun:
         cpus_total = max(1, int(sum(s.cpus for s in shapes)))
         per_block = max(1, min(self.plan.rows_per_shard, math.ceil(pending / (4 * cpus_total))))
         return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
-
-    def shared_sources(self) -> Any:
-        """``sources`` in Ray's object store (once for every task), or None."""
-        return None if self.sources is None else ray.put(self.sources)
 
 
 def already_complete(
