@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Fixtures shared by the modules of a test folder, which has no conftest.py of its own: a
+# second conftest module outside a package would take `conftest`'s name from this one.
+pytest_plugins = ["helpers.stage_fixtures"]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -113,11 +117,12 @@ RAY_MODULES = {
     "tests/fault/test_concurrent_runs.py": "ray",
     "tests/fault/test_storage_faults.py": "ray",
     "tests/test_demo.py": "ray",
-    "tests/test_inputs.py": "ray",
+    "tests/segment/inputs/test_inventory.py": "ray",
+    "tests/segment/inputs/test_prefix.py": "ray",
     "tests/test_install.py": "ray",
-    "tests/test_segment.py": "ray",
+    "tests/segment/test_driver.py": "ray",
     "tests/segment/test_monitor.py": "ray",
-    "tests/test_segment_shards.py": "ray",
+    "tests/segment/test_shards.py": "ray",
     "tests/test_train.py": "ray",
 }
 

@@ -67,3 +67,69 @@ def test_no_test_module_imports_another_or_bench():
     for path in sorted((REPO / "tests").rglob("*.py")):
         others = [m for m in imported_modules(path) if m.split(".")[0].startswith("test_")]
         assert others == [], path
+
+
+PACKAGES = ("maskrcnn", "pipeline", "jobs")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project's modules it names in an import, at top level or inside a
+    function (a function-local import closes a cycle as surely, only later)."""
+    paths = {module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+    graph = {}
+    for name, path in paths.items():
+        # "from a.b import c" names module a.b.c when there is one, else a.b
+        targets = {m for m in imported_modules(path) if m in paths}
+        graph[name] = {
+            m
+            for m in targets
+            if m != name and not any(o.startswith(m + ".") and o in targets for o in targets)
+        }
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while (member := stack.pop()) != node:
+                component.append(member)
+            component.append(node)
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_finds_a_cycle_hidden_in_a_function():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_anywhere():
+    graph = import_graph()
+    assert len(graph) > 50 and graph["pipeline.segment.driver"]  # the graph is the project's
+    assert cycles(graph) == []

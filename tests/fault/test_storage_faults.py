@@ -155,7 +155,7 @@ def test_signed_urls_and_credentials_stay_out_of_logs_manifest_and_parquet(
     s3_server, s3_bucket, model_path, tmp_path, http_server
 ):
     """From the CLI, to an S3 OUTPUT, with credentials in the environment (the in-process,
-    local-output case is tests/test_segment.py::test_signed_urls_are_read_but_never_stored_or_logged)."""
+    local-output case is tests/segment/test_driver.py::test_signed_urls_are_read_but_never_stored_or_logged)."""
     root, base = http_server
     files = make_images(3, seed=23, odd=False)
     write_local(root, files)

@@ -22,7 +22,7 @@ from .reference import build_torchvision, calibrate, smooth_images
 # proves everything but the CUDA kernels (imports, shapes, criteria) on a machine without one.
 DEVICE_ENV = "GPU_TEST_DEVICE"
 
-# fp32 on the GPU against fp32 on the CPU: the parity criteria of tests/test_model_parity.py.
+# fp32 on the GPU against fp32 on the CPU: the parity criteria of tests/maskrcnn/test_parity.py.
 FP32 = {"box_iou_min": 0.99, "score_tol": 1e-3, "mask_iou_min": 0.97, "fraction": 0.99}
 # Fast mode (bf16 or fp16 autocast) against fp32. Fast mode's cost is judged in COCO AP on
 # a trained model (bench/fast_ap_bench.py); on these calibrated random weights, whose 40

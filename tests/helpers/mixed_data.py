@@ -10,7 +10,7 @@ seeded random order so that the odd ones are spread through the listing.
 what segment must make of it (:class:`Expected`).
 
 :func:`bad_image_files` is the set of odd and broken files the segment tests
-use (tests/test_segment.py builds its inputs from it).
+use (tests/segment/test_driver.py builds its inputs from it).
 
 Used by tests/fault/test_bad_data_at_scale.py and bench/bad_data_bench.py.
 """

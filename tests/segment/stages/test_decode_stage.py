@@ -1,52 +1,38 @@
-"""What decode ships to the model actor: float32 model inputs for CPU actors, uint8 pixels
-where that is fewer bytes for GPU actors (resized there), and the same rows either way.
-
-The stages are called directly (no Ray): Segmenter takes the model's bytes in place of an
-object ref."""
+"""pipeline/segment/stages/decode.py: decoded tables of bounded size, uint8 shipped where it
+is fewer bytes, and the same rows whether an image is resized in decode or in the actor."""
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from helpers.segment_data import tiny_model
-from PIL import Image
 
 from maskrcnn.checkpoint import state_dict_bytes
 from pipeline.formats.decode import decode_image
-from pipeline.segment.stages.decode import read_and_decode
+from pipeline.segment.stages import decode
+from pipeline.segment.stages.decode import decoded_tables, read_and_decode
 from pipeline.segment.stages.encode import encode_rows
 from pipeline.segment.stages.model import Segmenter
 
 
-def _jpeg(h: int, w: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    rgb[h // 4 : h // 2, w // 4 : w // 2] = (200, 40, 90)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG")
-    return buf.getvalue()
+def test_decode_yields_bounded_tables_holding_the_rows_of_one(block, model, monkeypatch):
+    whole = read_and_decode(block, storage_options=None, cfg=model.cfg)
+    assert whole.column("status").to_pylist() == ["ok", "ok", "error", "ok", "ok", "ok"]
+    one_image = min(len(v.as_py()) for v in whole.column("image") if v.as_py())
+    monkeypatch.setattr(decode, "DECODED_BYTES_PER_TABLE", one_image)
+    tables = list(decoded_tables(block, storage_options=None, cfg=model.cfg))
+    # A table ends at the image that fills it: five images, five tables, the unreadable
+    # row in the table of the image after it.
+    assert [t.num_rows for t in tables] == [1, 1, 2, 1, 1]
+    assert pa.concat_tables(tables).equals(whole)
+    assert pa.concat_tables(tables).column("uri").to_pylist() == block.column("uri").to_pylist()
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """uri -> bytes: two images smaller than the tiny model's input (128..224 px), one
-    three times larger (its float32 input is fewer bytes than its pixels)."""
-    root = tmp_path_factory.mktemp("images")
-    out = {}
-    for name, (h, w) in {"a.jpg": (90, 120), "b.jpg": (100, 70), "big.jpg": (480, 640)}.items():
-        data = _jpeg(h, w, len(out))
-        (root / name).write_bytes(data)
-        out[str(root / name)] = data
-    return out
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(0)
+def test_decode_of_an_empty_block_is_one_empty_table(model):
+    empty = pa.table({"uri": pa.array([], pa.string())})
+    tables = list(decoded_tables(empty, storage_options=None, cfg=model.cfg))
+    assert [t.num_rows for t in tables] == [0]
 
 
 def _decoded(files, model, resize: str) -> pa.Table:
