@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from helpers.segment_data import (
     tiny_model,
     write_local,
 )
+from helpers.wait import wait_until
 
 from pipeline.cluster import NodeShape
 from pipeline.formats.shapes import make_shapes_dataset
@@ -161,11 +161,12 @@ def test_train_whose_workers_no_node_can_host_says_so(shapes_cluster, tmp_path):
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while "train: waiting for resources" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)  # polling interval of a condition with a deadline
+        wait_until(
+            lambda: "train: waiting for resources" in log.read_text(),
+            "train to say it waits for resources",
+            timeout=240,
+            gave_up=lambda: None if proc.poll() is None else log.read_text()[-3000:],
+        )
     finally:
         kill_group(proc)
     line = next(x for x in log.read_text().splitlines() if "waiting for resources" in x)
@@ -215,11 +216,12 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(shapes_cluster, dat
         argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 240
-        while not list(out.glob("part-*.parquet")):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no part within 240 s"
-            time.sleep(0.2)  # polling interval of a condition with a deadline
+        wait_until(
+            lambda: list(out.glob("part-*.parquet")),
+            "the first part",
+            timeout=240,
+            gave_up=lambda: None if proc.poll() is None else proc.communicate()[1][-3000:],
+        )
         shapes_cluster.kill_raylet(big)
         try:
             _, stderr = proc.communicate(timeout=240)

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from helpers.train_logs import (
     losses_by_iteration,
     registered_checkpoint,
 )
+from helpers.wait import wait_until
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import load, model_id, read_metadata, save
@@ -65,16 +65,14 @@ def start_train(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
 def wait_for(
     condition, proc: subprocess.Popen, log: Path, timeout: float = 240.0, interval: float = 0.2
 ):
-    """Poll ``condition()`` until it returns something truthy; fail if the run ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"train exited ({proc.returncode}) first:\n{log.read_text()[-3000:]}")
-        time.sleep(interval)
-    pytest.fail(f"timed out waiting; log:\n{log.read_text()[-3000:]}")
+    """``condition()``'s first truthy value (wait_until); fails if the run ends first."""
+
+    def ended() -> str | None:
+        if proc.poll() is None:
+            return None
+        return f"train exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+
+    return wait_until(condition, "train", timeout, interval, gave_up=ended)
 
 
 def assert_resumed(log_text: str, start: int, iterations: int) -> None:

@@ -46,6 +46,7 @@ from helpers.segment_data import (
     write_s3,
 )
 from helpers.train_logs import CLASS_NAMES, losses_by_iteration, registered_checkpoint
+from helpers.wait import wait_until
 
 from maskrcnn.checkpoint import load, model_id
 from pipeline.formats.shapes import make_shapes_dataset
@@ -99,17 +100,15 @@ def cluster(head_cluster):
 
 
 def poll(condition, what: str, cluster: LocalRayCluster, job_id: str, timeout: float = 180.0):
-    """``condition()`` once truthy, polled; fails when the job ends first or at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        info = cluster.job(job_id)
-        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            pytest.fail(f"job {info['status']} before {what}:\n{cluster.job_logs(job_id)[-3000:]}")
-        time.sleep(0.2)  # polling interval of a condition with a deadline
-    pytest.fail(f"timed out waiting for {what}:\n{cluster.job_logs(job_id)[-3000:]}")
+    """``condition()``'s first truthy value (wait_until); fails when the job ends first."""
+
+    def job_ended() -> str | None:
+        status = cluster.job(job_id)["status"]
+        if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return None
+        return f"job {status}:\n{cluster.job_logs(job_id)[-3000:]}"
+
+    return wait_until(condition, what, timeout, gave_up=job_ended)
 
 
 def alive_actors_on(cluster: LocalRayCluster, node_id: str, name_part: str, job_id: str):
@@ -187,10 +186,8 @@ def test_kill_raylet_loses_the_node_for_good(cluster):
     states = {n["node_id"]: n["state"] for n in cluster.nodes()}
     assert states[victim.node_id] == "DEAD"
     assert states[cluster.head.node_id] == states[other.node_id] == "ALIVE"
-    deadline = time.monotonic() + 30
-    while any(p.alive() for p in victim_procs) and time.monotonic() < deadline:
-        time.sleep(0.2)  # the victim's `ray start --block` stops the rest of its node
-    assert not any(p.alive() for p in victim_procs), "the lost node is gone entirely"
+    # The victim's `ray start --block` stops the rest of its node.
+    wait_until(lambda: not any(p.alive() for p in victim_procs), "the lost node gone entirely", 30)
 
 
 @pytest.mark.timeout(420)
@@ -259,11 +256,18 @@ def test_segment_survives_losing_a_worker_node_exactly_once(
 
     # Task states reach the state API a moment after they change (about a second, more
     # on a busy machine): the last attempts may show only after the job has ended.
-    victim_tasks, lost, redone = lost_and_redone()
+    seen: list = []
+
+    def lost_and_redone_seen() -> bool:
+        seen[:] = lost_and_redone()
+        return bool(seen[1] and seen[2])
+
+    # At most 60 s: a retry's last event may never come (below); what was seen is checked.
     deadline = time.monotonic() + 60
-    while not (lost and redone) and time.monotonic() < deadline:
-        time.sleep(0.5)  # polling interval of a condition with a deadline
-        victim_tasks, lost, redone = lost_and_redone()
+    wait_until(
+        lambda: lost_and_redone_seen() or time.monotonic() > deadline, "task states", 90, 0.5
+    )
+    victim_tasks, lost, redone = seen
 
     # The node was lost with work left, its model actor busy: the batches it held
     # failed with it, and the same actor, restarted on the head (Ray Data's actors

@@ -39,6 +39,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .wait import wait_until  # relative: bench/ imports this module as tests.helpers
+
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 MARKER_VAR = "MASKRCNN_TEST_CLUSTER"  # in every cluster process's environment
@@ -285,24 +287,20 @@ class LocalRayCluster:
         return node
 
     def _wait(self, ready, what: str, nodes: list[Node], timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        while time.monotonic() < deadline:
+        def answers() -> bool:
+            try:
+                return bool(ready())
+            except (OSError, ValueError):
+                return False
+
+        def exited() -> str | None:
             for node in nodes:
                 if node.process.poll() is not None:
-                    raise ClusterError(
-                        f"{node.name} exited with {node.process.returncode} while waiting for "
-                        f"{what}:\n{self.log_tail(node)}"
-                    )
-            try:
-                if ready():
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)  # polling interval of a condition with a deadline
-        raise ClusterError(
-            f"timed out after {timeout or self.start_timeout:.0f}s waiting for {what}:\n"
-            + "\n".join(self.log_tail(n) for n in nodes)
-        )
+                    return f"{node.name} exited with {node.process.returncode}"
+            return None
+
+        tails = lambda: "\n".join(self.log_tail(n) for n in nodes)  # noqa: E731
+        wait_until(answers, what, timeout or self.start_timeout, 0.5, exited, tails)
 
     def log_tail(self, node: Node, lines: int = 40) -> str:
         try:
@@ -398,16 +396,18 @@ class LocalRayCluster:
 
     def wait_job(self, job_id: str, timeout: float) -> dict:
         """Poll the job until it ends; returns its info (``status``, ``message``, ...)."""
-        deadline = time.monotonic() + timeout
         info = self.job(job_id)
-        while info["status"] not in TERMINAL_JOB_STATES:
-            if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"job {job_id} still {info['status']} after {timeout:.0f}s; log tail:\n"
-                    + "\n".join(self.job_logs(job_id).splitlines()[-40:])
-                )
-            time.sleep(1.0)  # polling interval of a condition with a deadline
-            info = self.job(job_id)
+
+        def ended() -> bool:
+            info.update(self.job(job_id))
+            return info["status"] in TERMINAL_JOB_STATES
+
+        def log_tail() -> str:
+            return f"still {info['status']}; log tail:\n" + "\n".join(
+                self.job_logs(job_id).splitlines()[-40:]
+            )
+
+        wait_until(ended, f"job {job_id} to end", timeout, 1.0, context=log_tail)
         return info
 
     # -- faults (issue 7) --

@@ -18,12 +18,13 @@ def wait_until(
     timeout: float = 60.0,
     interval: float = 0.2,
     gave_up: Callable[[], str | None] | None = None,
+    context: Callable[[], str] | None = None,
 ) -> T:
     """``condition()``'s first truthy value, polled every ``interval`` seconds.
 
     Fails the test naming ``what`` at the deadline, or as soon as ``gave_up()`` returns a
     reason why the condition can no longer come true (a job that ended, a process that
-    exited); that reason ends the failure message.
+    exited); that reason ends the failure message, and ``context()`` (log tails) after it.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -31,8 +32,9 @@ def wait_until(
         if value:
             return value
         reason = gave_up() if gave_up is not None else None
+        if reason is None and time.monotonic() >= deadline:
+            reason = f"timed out after {timeout:g}s"
         if reason is not None:
-            pytest.fail(f"gave up waiting for {what}: {reason}")
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+            more = f"\n{context()}" if context is not None else ""
+            pytest.fail(f"gave up waiting for {what}: {reason}{more}")
         time.sleep(interval)  # the polling interval of a condition with a deadline

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import fsspec
@@ -32,6 +31,7 @@ from helpers.segment_data import (
     write_local,
     write_s3,
 )
+from helpers.wait import wait_until
 
 from pipeline.formats.decode import decode_image
 from pipeline.formats.rle import decode_masks
@@ -240,22 +240,25 @@ def test_model_actor_killed_mid_run_still_exactly_once(
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 120
-    victim = None
-    while victim is None and time.monotonic() < deadline and thread.is_alive():
+
+    def a_model_actor_at_work() -> tuple | None:
         parts = list(out.glob("part-*.parquet")) if out.exists() else []
         alive = {
             k: v
             for k, v in _gcs_actors("MapWorker").items()
             if k not in before and v["State"] == "ALIVE"
         }
-        if parts and alive:
-            victim = next(iter(alive.items()))
-            committed_at_kill = len(parts)
-            os.kill(victim[1]["Pid"], signal.SIGKILL)
-        time.sleep(0.02)  # polling interval, not synchronisation
+        return (next(iter(alive.items())), len(parts)) if parts and alive else None
+
+    victim, committed_at_kill = wait_until(
+        a_model_actor_at_work,
+        "the model actor alive with work left",
+        timeout=120,
+        interval=0.02,
+        gave_up=lambda: None if thread.is_alive() else f"the run ended: {result}",
+    )
+    os.kill(victim[1]["Pid"], signal.SIGKILL)
     thread.join(timeout=300)
-    assert victim is not None, "the model actor was never seen alive with work left"
     assert "error" not in result, result.get("error")
     assert committed_at_kill < 12  # 24 images, 2 per part: killed with work left
     restarted = _gcs_actors("MapWorker")[victim[0]]
@@ -287,22 +290,21 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models, ray_ad
     ]  # fmt: skip
     same = opts(batch_size=2, rows_per_part=2, max_detections=20)  # what args say
     first = _cli(args, tmp_path / "first.log", ray_address)
+    log = tmp_path / "first.log"
+
+    def first_ended() -> str | None:
+        return None if first.poll() is None else f"it exited:\n{log.read_text()[-3000:]}"
+
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and first.poll() is None:
-            if (out / "_run" / "lock.json").exists():
-                break
-            time.sleep(0.02)  # polling interval, not synchronisation
+        lock = out / "_run" / "lock.json"
+        wait_until(lock.exists, "the first run's lease", 180, 0.02, first_ended)
         # A second run into the same OUTPUT while the first holds it is refused.
         with pytest.raises(
             ValueError, match=f"being written by another segment run .*pid {first.pid}"
         ):
             segment(str(tmp_path / "in"), str(out), ModelSource(checkpoint=models["a"][0]), same)
-        while time.monotonic() < deadline and first.poll() is None:
-            if len(list(out.glob("part-*.parquet"))) >= 2:
-                break
-            time.sleep(0.02)  # polling interval, not synchronisation
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        two_parts = lambda: len(list(out.glob("part-*.parquet"))) >= 2  # noqa: E731
+        wait_until(two_parts, "two parts of the first run", 180, 0.02, first_ended)
         os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-run
         first.wait()
     finally:
