@@ -35,17 +35,16 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from pipeline import storage
 from pipeline.formats.coco_annotation import CocoObject, annotation_object
 from pipeline.formats.decode import DecodeError, decode_image
-
-if TYPE_CHECKING:
-    from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +268,6 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def target(self, i: int) -> dict[str, Any]:
         """Target of sample ``i`` from the annotations alone (no image read)."""
-        from pycocotools import mask as mask_utils
-
         record = self._records[i]
         objects = [o for o in record.objects if not o.iscrowd]
         h, w = record.height, record.width
@@ -327,8 +324,6 @@ class CocoDataset(torch.utils.data.Dataset):
         the images actually predicted.
         """
         if self._coco is None:
-            from pycocotools.coco import COCO
-
             images, anns = [], []
             for r in self._records:
                 images.append(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 
 @dataclass(slots=True)
@@ -57,8 +58,6 @@ def rle_string_total(counts: str) -> int | None:
 
 def segmentation_rle(segm: Any, height: int, width: int) -> tuple[dict | None, str | None]:
     """(compressed RLE, None) for a polygon list or RLE dict, else (None, skip reason)."""
-    from pycocotools import mask as mask_utils
-
     if isinstance(segm, list):
         if segm and all(isinstance(v, int | float) for v in segm):
             segm = [segm]  # a single flat polygon
@@ -108,8 +107,6 @@ def annotation_object(
 ) -> tuple[CocoObject | None, str | None]:
     """(object, None) for a usable annotation of a ``height`` x ``width`` image, else
     (None, skip reason). ``ann`` is the JSON dict; its image and category are known."""
-    from pycocotools import mask as mask_utils
-
     if "bbox" in ann and box_is_degenerate(ann["bbox"], height, width):
         return None, "degenerate box"
     try:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from pipeline import storage
 
@@ -217,8 +219,6 @@ def png_bytes(image: Any, compress_level: int = 6) -> bytes:
     The one PNG encoder: the shapes dataset's images (the same bytes for the
     same arguments), render's overlays, the tests' and benchmarks' pictures.
     """
-    from PIL import Image
-
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image, mode="RGB")
     buf = io.BytesIO()
@@ -227,8 +227,6 @@ def png_bytes(image: Any, compress_level: int = 6) -> bytes:
 
 
 def _annotations(sample: ShapesImage, image_id: int, first_ann_id: int) -> list[dict]:
-    from pycocotools import mask as mask_utils
-
     if len(sample.masks) == 0:
         return []
     rles = mask_utils.encode(np.asfortranarray(sample.masks.transpose(1, 2, 0).astype(np.uint8)))
