@@ -172,6 +172,17 @@ def test_train_whose_workers_no_node_can_host_says_so(shapes_cluster, tmp_path):
     line = next(x for x in log.read_text().splitlines() if "waiting for resources" in x)
     assert "1 worker(s) of {5 CPU} each (no node can host one)" in line, line
     assert "CPU: 5" in line and "the cluster has 3 nodes of 2 CPUs" in line, line
+    # The killed run's demand goes with its driver; the module's next run must not see
+    # it pending (its watchdog would take it for its own).
+    wait_until(lambda: not pending_demands(shapes_cluster), "the 5-CPU demand to go", 120)
+
+
+def pending_demands(cluster: LocalRayCluster) -> list[dict]:
+    """Placement groups and actors of the cluster that Ray has not placed yet."""
+    rows = cluster.http("/api/v0/placement_groups?limit=1000&detail=1")["data"]["result"]
+    groups = [g for g in rows["result"] if g["state"] in ("PENDING", "RESCHEDULING")]
+    waiting = ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING")
+    return groups + [a for a in cluster.actors() if a["state"] in waiting]
 
 
 @pytest.mark.slow

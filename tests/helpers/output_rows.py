@@ -6,15 +6,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.output.schema import SCHEMA
-from pipeline.segment.output import (
-    LOCK_NAME,
-    SPEC_NAME,
-    OutputDir,
-)
-from pipeline.segment.plan import (
-    Plan,
-    write_plan,
-)
+from pipeline.segment.output import LOCK_NAME, SPEC_NAME, OutputDir
+from pipeline.segment.plan import Plan, write_plan
 from pipeline.segment.stages.write import write_parts
 
 

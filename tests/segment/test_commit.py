@@ -8,15 +8,8 @@ from helpers.output_rows import SPEC, planned, rows, shard_batch, take_lock, wri
 
 from pipeline.output.schema import MANIFEST_NAME, read_manifest
 from pipeline.segment.commit import encode_part, finalize
-from pipeline.segment.output import (
-    PLAN_DIR,
-    SPEC_NAME,
-    OutputDir,
-    shard_name,
-)
-from pipeline.segment.plan import (
-    read_shard,
-)
+from pipeline.segment.output import PLAN_DIR, SPEC_NAME, OutputDir, shard_name
+from pipeline.segment.plan import read_shard
 
 
 def test_finalize_writes_manifest_of_exactly_the_parts(tmp_path):

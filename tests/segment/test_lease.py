@@ -13,11 +13,7 @@ from helpers.wait import wait_until
 
 import pipeline.segment.lease as lease_mod
 from pipeline.segment.lease import Lease
-from pipeline.segment.output import (
-    LOCK_NAME,
-    OutputDir,
-    OutputStateError,
-)
+from pipeline.segment.output import LOCK_NAME, OutputDir, OutputStateError
 
 
 def _write_lock(out: OutputDir, **fields) -> None:

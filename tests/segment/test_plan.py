@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.segment.output import (
-    PLAN_DIR,
-    OutputDir,
-    shard_name,
-)
+from pipeline.segment.output import PLAN_DIR, OutputDir, shard_name
 from pipeline.segment.plan import (
     Plan,
     SecretsInInput,

@@ -7,11 +7,7 @@ import pyarrow as pa
 from helpers.output_rows import SPEC, planned, rows, shard_batch, take_lock, write_batch
 
 from pipeline.segment.commit import Counts, encode_part, finalize, read_counts
-from pipeline.segment.output import (
-    OutputDir,
-    part_name,
-    piece_dir,
-)
+from pipeline.segment.output import OutputDir, part_name, piece_dir
 from pipeline.segment.stages.write import ShardRecord, assemble_part
 
 
