@@ -12,6 +12,8 @@ from typing import Any
 
 def load_checkpoint(uri: str, device: str = "cpu") -> Any:
     """The maskrcnn.MaskRCNN in the safetensors checkpoint at ``uri``, on ``device``."""
+    # lazy: jobs/evaluate imports this before its --device check, which fails without
+    # torchvision and maskrcnn (1.2 s after torch, measured)
     from maskrcnn.checkpoint import load
 
     return load(uri, map_location=device)
@@ -19,6 +21,6 @@ def load_checkpoint(uri: str, device: str = "cpu") -> Any:
 
 def checkpoint_model_id(uri: str) -> str:
     """The model id of the checkpoint at ``uri``: what a segment OUTPUT records as "model"."""
-    from maskrcnn.checkpoint import model_id
+    from maskrcnn.checkpoint import model_id  # lazy: see load_checkpoint
 
     return model_id(load_checkpoint(uri))

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.formats.rle import encode_masks
 from pipeline.storage import get_fs, redact
 
 
@@ -176,6 +177,8 @@ def output_coco_results(
     category ids by class name; otherwise ``image_ids`` (uri -> id) gives the
     ids and category_id is the label. ``stats`` collects what was skipped.
     """
+    # lazy: evaluate --model and train's evaluator import this module without an OUTPUT
+    # (pipeline.output.results: pyarrow.dataset, 0.2 s, measured)
     from pipeline.output.results import count_errors, iter_ok_batches
 
     stats = stats if stats is not None else ExportStats()
@@ -250,7 +253,7 @@ def _category_ids(
 
 def output_image_ids(results: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Ids 1..N for the ok images of OUTPUT, by sorted URI, and their COCO image entries."""
-    from pipeline.output.results import iter_ok_batches
+    from pipeline.output.results import iter_ok_batches  # lazy: see output_coco_results
 
     table = pa.Table.from_batches(
         list(iter_ok_batches(results, ["uri", "width", "height"])),
@@ -284,8 +287,6 @@ def predictions_to_coco_results(
     category id (a dict, or a sequence indexed by label); labels it lacks are
     dropped.
     """
-    from pipeline.formats.rle import encode_masks
-
     if isinstance(label_to_category_id, Mapping):
         table = dict(label_to_category_id)
     else:

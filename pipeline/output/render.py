@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.formats.decode import decode_image
+from pipeline.formats.rle import decode_masks
 from pipeline.formats.shapes import png_bytes
 from pipeline.storage import full_uri, get_fs, join
 
@@ -88,8 +89,6 @@ def draw_detections(
 
 
 def _masks(detections: Sequence[dict[str, Any]], height: int, width: int) -> Iterator[np.ndarray]:
-    from pipeline.formats.rle import decode_masks
-
     for d in detections:
         mask = d.get("mask")
         yield mask if mask is not None else decode_masks([d["mask_counts"]], height, width)[0]

@@ -14,16 +14,14 @@ TO, no read_csv of other files, no ATTACH), no extensions, no setting changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.output.schema import SCHEMA, read_manifest
 from pipeline.storage import get_fs, join, protocol_of
-
-if TYPE_CHECKING:
-    import duckdb
 
 # The Arrow source behind the `images` view. Users may query it too; it holds
 # nothing the view does not.
@@ -112,8 +110,6 @@ def connect_dataset(data: pads.Dataset | pa.Table) -> duckdb.DuckDBPyConnection:
     :data:`INSTANCES_VIEW_SQL`). After this returns, SQL on the connection
     cannot touch the file system, load extensions or change settings.
     """
-    import duckdb
-
     con = duckdb.connect(":memory:")
     con.register(_DATA_NAME, data)
     con.execute(f"CREATE VIEW images AS SELECT * FROM {_DATA_NAME}")
