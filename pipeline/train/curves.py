@@ -16,7 +16,10 @@ import json
 import math
 from typing import Any
 
+from PIL import Image, ImageDraw
+
 from pipeline import storage
+from pipeline.formats.shapes import png_bytes
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -48,8 +51,6 @@ class MetricsLog:
 
 def write_curves(run_uri: str, options: dict[str, Any]) -> str | None:
     """Draw STORAGE/NAME/curves.png from metrics.jsonl; its URI (None without metrics)."""
-    from pipeline.formats.shapes import png_bytes
-
     lines = read_metrics(run_uri, options)
     if not lines:
         return None
@@ -67,8 +68,6 @@ def _series(lines: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
 
 def draw_curves(lines: list[dict[str, Any]], size: tuple[int, int] = (800, 450)) -> Any:
     """A PIL image: total loss (left axis) and bbox/segm AP (right axis, 0..1) vs iteration."""
-    from PIL import Image, ImageDraw
-
     w, h = size
     left, right, top, bottom = 60, 60, 30, 40
     image = Image.new("RGB", size, "white")

@@ -10,6 +10,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.formats.coco import CocoDataset
+from pipeline.output.evaluate import (
+    coco_evaluate,
+    label_to_category_ids,
+    predictions_to_coco_results,
+)
+
 
 class Evaluator:
     """COCO bbox/segm AP of a model on a validation set (run on rank 0 only).
@@ -26,9 +33,6 @@ class Evaluator:
         batch_size: int = 8,
         cache_bytes: int = 512 << 20,
     ) -> None:
-        from pipeline.formats.coco import CocoDataset
-        from pipeline.output.evaluate import label_to_category_ids
-
         self.data = CocoDataset(val_uri, storage_options=storage_options, train=False)
         self.label_map = label_to_category_ids(class_names, self.data.categories)
         self.batch_size = batch_size
@@ -57,8 +61,6 @@ class Evaluator:
 
     def __call__(self, model: Any, fast: bool) -> dict[str, float]:
         """Metrics ``{bbox_AP, bbox_AP50, ..., segm_AP, ...}`` of ``model`` (a MaskRCNN)."""
-        from pipeline.output.evaluate import coco_evaluate, predictions_to_coco_results
-
         start = time.perf_counter()
         results, ids = [], []
         for images, image_ids in self._batches():

@@ -21,6 +21,17 @@ from typing import Any
 
 import torch
 
+from maskrcnn import MaskRCNN, MaskRCNNConfig
+from maskrcnn.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    from_torchvision,
+    is_pickle,
+    model_from_safetensors,
+    read_metadata,
+    torchvision_state_from_bytes,
+)
+from maskrcnn.transfer import CLASS_TENSORS, copy_class_rows
 from pipeline import storage
 
 MASK_RCNN_KEY = "roi_heads.box_predictor.cls_score.weight"
@@ -32,7 +43,6 @@ RESNETS = {
     ((3, 4, 6, 3), True): "resnet50",
     ((3, 4, 23, 3), True): "resnet101",
 }
-BODY_PRESETS = {"resnet50": "r50-fpn", "resnet101": "r101-fpn"}
 
 
 @dataclass
@@ -59,15 +69,6 @@ def _read(uri: str, options: dict[str, Any]) -> bytes:
 
 def read_init(uri: str, options: dict[str, Any]) -> Init:
     """The init at ``uri``; a CheckpointError (a ValueError) naming it for anything else."""
-    from maskrcnn.checkpoint import (
-        FORMAT,
-        CheckpointError,
-        is_pickle,
-        model_from_safetensors,
-        read_metadata,
-        torchvision_state_from_bytes,
-    )
-
     data, name = _read(uri, options), f"--init {storage.redact(uri)}"
     if not is_pickle(data) and read_metadata(data, name).get("format") == FORMAT:
         model = model_from_safetensors(data, name, pickle_hint="", torchvision_hint="")
@@ -92,8 +93,6 @@ def read_init(uri: str, options: dict[str, Any]) -> Init:
 
 
 def _torchvision_detector(sd: dict[str, torch.Tensor], name: str) -> Init:
-    from maskrcnn.checkpoint import CheckpointError, from_torchvision
-
     variant = "v2" if any(k.startswith("roi_heads.box_head.0.") for k in sd) else "v1"
     try:
         model = from_torchvision(sd, variant=variant)
@@ -109,8 +108,6 @@ def _torchvision_detector(sd: dict[str, torch.Tensor], name: str) -> Init:
 
 
 def _resnet_body(sd: dict[str, torch.Tensor], name: str) -> Init:
-    from maskrcnn.checkpoint import CheckpointError
-
     blocks = tuple(
         len({m[1] for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}) for i in range(1, 5)
     )
@@ -186,8 +183,6 @@ def map_classes(
 
 def _skipped(key: str) -> bool:
     """Tensors that need not agree: class-indexed rows (mapped) and BN step counters."""
-    from maskrcnn.transfer import CLASS_TENSORS
-
     return key in CLASS_TENSORS or key.endswith("num_batches_tracked")
 
 
@@ -197,9 +192,6 @@ def check_shapes(init: Init, cfg: dict[str, Any], name: str, what: str) -> None:
     A classification init is compared on the ResNet body only; class-indexed tensors
     on their per-class shape (their class counts differ by design).
     """
-    from maskrcnn import MaskRCNN, MaskRCNNConfig
-    from maskrcnn.transfer import CLASS_TENSORS
-
     with torch.device("meta"):
         own = MaskRCNN(MaskRCNNConfig.from_dict(cfg)).state_dict()
     for k, v in own.items():
@@ -224,8 +216,6 @@ def check_shapes(init: Init, cfg: dict[str, Any], name: str, what: str) -> None:
 def load_init(model: torch.nn.Module, init: Init, pairs: list[tuple[int, int]]) -> None:
     """Copy ``init`` into ``model`` in place: every tensor both have (shapes checked by
     :func:`check_shapes`), and the class rows of ``pairs`` (run label, init label)."""
-    from maskrcnn.transfer import copy_class_rows
-
     own = model.state_dict()
     for k, v in init.state.items():
         if not _skipped(k) and k in own:

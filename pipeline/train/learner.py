@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import ray.train.torch
 import torch
 
+from maskrcnn import MaskRCNN, MaskRCNNConfig
 from pipeline.train.amp import amp_mode, autocast, fast_path, grad_scaler
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.data import input_size
+from pipeline.train.init import apply_init
 from pipeline.train.schedule import lr_factor
 from pipeline.train.spec import TrainSpec
 
@@ -37,8 +40,6 @@ class Learner:
     @classmethod
     def build(cls, spec: TrainSpec, device: torch.device) -> Learner:
         """A fresh model from the spec's config, with SGD and the spec's lr schedule."""
-        from maskrcnn import MaskRCNN, MaskRCNNConfig
-
         torch.manual_seed(spec.seed)  # same initial weights on every rank (DDP also broadcasts)
         model = MaskRCNN(MaskRCNNConfig.from_dict(spec.model_config)).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -67,8 +68,6 @@ class Learner:
         if directory is not None:
             return self.restore(directory)
         if init:
-            from pipeline.train.init import apply_init
-
             apply_init(self.model, init, options)
         return 0
 
@@ -85,8 +84,6 @@ class Learner:
 
     def wrap_ddp(self) -> None:
         """Set the model's layout, then wrap it in DDP (ray.train.torch.prepare_model)."""
-        import ray.train.torch
-
         # Conv weights channels_last before DDP wraps the model. On CPU, oneDNN returns
         # convolution weight gradients channels_last even for contiguous weights, and
         # in the first backward after DDP is built (the first iteration of every

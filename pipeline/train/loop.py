@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 
 from pipeline.formats.coco import CocoDataset
@@ -27,6 +29,11 @@ from pipeline.train.evaluator import Evaluator
 from pipeline.train.learner import Learner
 from pipeline.train.progress import LossWindow, format_eval, format_log, write_worker_status
 from pipeline.train.spec import TrainSpec
+
+try:  # the logger of Ray Train v2's per-report lines
+    from ray.train.v2._internal.execution import context as train_context
+except ImportError:  # another Ray version: only noisier
+    train_context = None
 
 
 @dataclass
@@ -87,20 +94,13 @@ def _quiet_logs() -> None:
     one line per ray.train.report (from a logger named after its file, so
     LoggingConfig's level does not reach it) and botocore's credential notes.
     """
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
+    if train_context is not None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray version: only noisier
-        pass
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 def _set_up_process(spec: TrainSpec) -> Worker:
     """Quiet logs, this worker's rank and device, and its CPU threads."""
-    import ray.train
-    import ray.train.torch
-
     _quiet_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,8 +115,6 @@ def _restore(learner: Learner, spec: TrainSpec) -> tuple[int, bool]:
 
     A run with a checkpoint of its own restores it and never re-applies --init.
     """
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return learner.start(None, spec.init, spec.init_options), False
@@ -217,8 +215,6 @@ def _report(
 
 def _ray_report(metrics: dict[str, Any], step: int, learner: Learner | None) -> None:
     """ray.train.report on every rank; with ``learner`` (rank 0) it carries the checkpoint."""
-    import ray.train
-
     if learner is None:
         ray.train.report(metrics)
         return

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+import yaml
+
 from pipeline import storage
 from pipeline.train.schedule import base_lr, default_warmup, step_iterations
 from pipeline.train.spec import TrainSpec
@@ -108,8 +110,6 @@ def _config_file(opts: TrainOptions, class_names: list[str]) -> tuple[str, dict[
         text = fs.cat_file(path).decode()
     except FileNotFoundError:
         raise FileNotFoundError(f"--config {storage.redact(opts.config)}: no such file") from None
-    import yaml
-
     try:
         overrides = yaml.safe_load(text)  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
@@ -130,6 +130,8 @@ def _config_file(opts: TrainOptions, class_names: list[str]) -> tuple[str, dict[
 def model_config(opts: TrainOptions, class_names: list[str], init: Any = None) -> dict[str, Any]:
     """The MaskRCNNConfig dict for the run: preset or file (else the --init's architecture),
     classes from the data, size flags, and what trains (:func:`_fine_tune_fields`)."""
+    # lazy: the driver imports this module, and its flag and data errors come before
+    # torchvision and maskrcnn load (1.2 s after torch, measured)
     from maskrcnn import MaskRCNNConfig
 
     preset, overrides = opts.preset, {}
@@ -160,9 +162,11 @@ def model_config(opts: TrainOptions, class_names: list[str], init: Any = None) -
     return cfg.replace(**_fine_tune_fields(opts, cfg)).to_dict()
 
 
-def _body_preset(opts: TrainOptions, init: Any) -> str:
-    from pipeline.train.init import BODY_PRESETS
+# The architecture an --init that is a ResNet classification body defaults to.
+BODY_PRESETS = {"resnet50": "r50-fpn", "resnet101": "r101-fpn"}
 
+
+def _body_preset(opts: TrainOptions, init: Any) -> str:
     if init.backbone not in BODY_PRESETS:
         raise ValueError(
             f"--init {storage.redact(opts.init)}: a {init.backbone} body has no default "
@@ -175,7 +179,7 @@ def _fine_tune_fields(opts: TrainOptions, cfg: Any) -> dict[str, Any]:
     """trainable_layers from --trainable-layers (a fine-tune's default: 3+), and frozen
     backbone norms whenever layers are frozen or weights are pretrained (unless
     --train-norms), as torchvision's pretrained models have."""
-    from maskrcnn.transfer import FINE_TUNE_LAYERS, trainable_layers
+    from maskrcnn.transfer import FINE_TUNE_LAYERS, trainable_layers  # lazy: see model_config
 
     layers = opts.trainable_layers or (FINE_TUNE_LAYERS if opts.init else None)
     if layers is None:
@@ -209,6 +213,7 @@ def init_record(
 ) -> dict[str, Any]:
     """What the run takes from --init (JSON values): the URI, what it is, the class
     mapping, what trains. Checks shapes against --preset/--config first."""
+    # lazy: pipeline.train.init loads maskrcnn, as model_config says
     from maskrcnn.transfer import FINE_TUNE_LAYERS
     from pipeline.train.init import check_shapes, map_classes, parse_class_map
 

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.train.spec import TrainSpec
@@ -52,8 +53,6 @@ def write_worker_status(
 
 
 def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
