@@ -53,8 +53,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
     data = _check_inputs(opts)
     init = None
     if opts.init:
-        # lazy: it loads maskrcnn (1.2 s after torch, measured), which the flag and data
-        # errors above do without
+        # lazy: loads maskrcnn (1.2 s after torch, measured), not needed by the errors above
         from pipeline.train.init import read_init
 
         init = read_init(opts.init, uri_options(opts.init, opts))
