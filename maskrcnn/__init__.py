@@ -1,7 +1,19 @@
 """Mask R-CNN in plain PyTorch + torchvision ops. No Ray, no Arrow; fsspec only for remote URIs."""
 
+from typing import Any
+
 from maskrcnn.config import MaskRCNNConfig
-from maskrcnn.model import MaskRCNN
 
 __all__ = ["MaskRCNN", "MaskRCNNConfig"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # MaskRCNN on first use: the model imports torchvision.ops, which loads torch._dynamo
+    # (1.1 s, measured), and the segment decode and encode tasks that import this package
+    # for its config, transforms and mask pasting never build a model.
+    if name == "MaskRCNN":
+        from maskrcnn.model import MaskRCNN
+
+        return MaskRCNN
+    raise AttributeError(f"module 'maskrcnn' has no attribute {name!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
 # Elements of one chunk of float work while pasting (about 256 MB of fp32).
 PASTE_CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -34,6 +33,10 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) ->
     Returns:
         Tensor[K, size, size]: 0/1 targets, in the boxes' dtype.
     """
+    # lazy: torchvision.ops loads torch._dynamo (1.1 s, measured); pasting, which the
+    # segment encode stage imports this module for, needs none of it
+    from torchvision.ops import roi_align
+
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size))
     rois = torch.cat([matched[:, None].to(boxes.dtype), boxes], dim=1)
