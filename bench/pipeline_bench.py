@@ -20,6 +20,7 @@ Writes bench/results/pipeline.json and prints a table. Never run as a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -113,10 +114,14 @@ def init_ray(cpus: int) -> None:
 
 
 def timed_segment(
-    input_uri: str, output: Path, model_path: str, args, fast: bool = False
-) -> tuple[dict, float, TreeMonitor]:
+    input_uri: str, output: Path, model_path: str, args, fast: bool = False, memory: bool = True
+) -> tuple[dict, float, TreeMonitor | None]:
     """One ``segment()`` run with the benchmark's options: (summary, seconds, its
-    process tree's TreeMonitor). Ray must be started already."""
+    process tree's TreeMonitor, or None without ``memory``). Ray must be started already.
+
+    A sample of the tree's memory reads every process's smaps (about 60 ms of CPU for a
+    dozen Ray processes with torch loaded, measured): 0.3 of a core at 5 samples a
+    second, which a timed run must not pay when its baseline does not."""
     from pipeline.segment.driver import SegmentOptions, segment
     from pipeline.segment.model_source import ModelSource
 
@@ -127,17 +132,20 @@ def timed_segment(
         fast=fast,
         rows_per_part=args.rows_per_part,
     )
-    with TreeMonitor() as memory:
+    monitor = TreeMonitor() if memory else contextlib.nullcontext()
+    with monitor:
         start = time.perf_counter()
         summary = segment(
             input_uri, str(output), ModelSource(checkpoint=model_path), opts, log=lambda m: None
         )
         seconds = time.perf_counter() - start
-    return summary, seconds, memory
+    return summary, seconds, monitor if memory else None
 
 
-def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
-    summary, seconds, memory = timed_segment(input_uri, output, model_path, args, args.fast)
+def pipeline_run(input_uri: str, output: Path, model_path: str, args, memory: bool) -> dict:
+    summary, seconds, monitor = timed_segment(
+        input_uri, output, model_path, args, args.fast, memory
+    )
     parquet_bytes = sum((output / name).stat().st_size for name in summary["files"])
     counts = summary["counts"]
     this_run = summary["this_run"]
@@ -153,7 +161,7 @@ def pipeline_run(input_uri: str, output: Path, model_path: str, args) -> dict:
         "first_part_s": this_run.get("first_part_s"),
         "seconds": seconds,
         "counts": counts,
-        "peak_pss_bytes": memory.peak_pss,
+        "peak_pss_bytes": monitor.peak_pss if monitor is not None else None,
         "parquet_bytes": parquet_bytes,
         "bytes_per_instance": parquet_bytes / max(1, counts["instances"]),
     }
@@ -203,12 +211,14 @@ def main() -> int:
                 alone.append(model_alone(model, paths[: args.images], args.batch_size, args.fast))
             else:
                 pipe.append(
-                    pipeline_run(str(lists["throughput"]), work / f"out-{r}", model_path, args)
+                    pipeline_run(
+                        str(lists["throughput"]), work / f"out-{r}", model_path, args, False
+                    )
                 )
             last = alone[-1] if side == "alone" else pipe[-1]
             print(f"repeat {r} {side:8s} {last['images_per_s']:.2f} images/s")
-    mem1 = pipeline_run(str(lists["mem1x"]), work / "out-mem1x", model_path, args)
-    mem10 = pipeline_run(str(lists["mem10x"]), work / "out-mem10x", model_path, args)
+    mem1 = pipeline_run(str(lists["mem1x"]), work / "out-mem1x", model_path, args, True)
+    mem10 = pipeline_run(str(lists["mem10x"]), work / "out-mem10x", model_path, args, True)
     load_after = os.getloadavg()
     ray.shutdown()
 
