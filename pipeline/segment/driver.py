@@ -83,7 +83,8 @@ def segment(
         return summary
     lease = Lease(out, spec["run_id"])
     with leased(lease):
-        start_ray = functools.partial(init_ray, opts.ray_address, log, "segment")
+        # Ray starts once: before a listing that fans out over Ray tasks, else here.
+        start_ray = functools.cache(functools.partial(init_ray, opts.ray_address, log, "segment"))
         run = open_run(out, inputs, spec, lease, opts, log, listing, start_ray)
         start_ray()
         job = functools.partial(PipelineJob.of, run, model.cfg, model_bytes)
