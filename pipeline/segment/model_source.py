@@ -46,6 +46,8 @@ def _read(uri: str, options: dict[str, Any] | None) -> bytes:
 
 def model_from_bytes(data: bytes, uri: str = "checkpoint"):
     """A MaskRCNN (eval mode, CPU) from safetensors bytes written by maskrcnn.checkpoint."""
+    # lazy: maskrcnn loads torch and torchvision (2.5 s, measured); the CLI checks INPUT
+    # before any model is read (tests/test_cli_args.py)
     from maskrcnn.checkpoint import model_from_safetensors
 
     return model_from_safetensors(
@@ -59,7 +61,11 @@ def model_from_bytes(data: bytes, uri: str = "checkpoint"):
 
 def load_model(source: ModelSource, options: dict[str, Any] | None = None):
     """(model, safetensors bytes for the actors) from ``source``; CPU, eval mode."""
-    from maskrcnn.checkpoint import from_torchvision, state_dict_bytes, torchvision_state_from_bytes
+    from maskrcnn.checkpoint import (  # lazy: as in model_from_bytes
+        from_torchvision,
+        state_dict_bytes,
+        torchvision_state_from_bytes,
+    )
 
     data = _read(source.uri, options)
     if source.checkpoint is not None:
