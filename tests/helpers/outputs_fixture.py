@@ -1,14 +1,16 @@
-"""Build fake-but-valid segment OUTPUT folders (and matching COCO ground truth) for tests.
+"""Build fake-but-valid segment OUTPUTs (and matching COCO ground truth) for tests.
 
 Rows are written in pipeline.output.schema.SCHEMA with pyarrow, masks are encoded with
-pycocotools from known shapes, and the manifest commits the files, exactly as
-the segment job's contract says. Reusable by any test that reads an OUTPUT.
+pycocotools from known shapes. :func:`write_table_output` commits the files to a Delta
+table as the segment writer does (one commit per run, carrying its record);
+:func:`write_output` writes the previous folder format (``_manifest.json``), which
+readers still read. Reusable by any test that reads an OUTPUT.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from pipeline.output.schema import FORMAT, MANIFEST_NAME, SCHEMA
+from pipeline.output.schema import FORMAT, MANIFEST_NAME, SCHEMA, committed_files
+from pipeline.output.table import DataFile, commit_files, file_stats, has_table, load_table
 from pipeline.storage import get_fs, join
 
 MODEL_ID = "test-model-0001"
@@ -139,6 +142,104 @@ def write_output(
         with fs.open(join(base, MANIFEST_NAME), "w") as f:
             f.write(json.dumps(manifest))
     return files
+
+
+def write_table_output(
+    output: str,
+    rows: list[dict[str, Any]],
+    options: dict[str, Any] | None = None,
+    run_id: str = "test-run-1",
+    seq: int = 1,
+    removes: Sequence[str] = (),
+    rows_per_file: int = 3,
+    class_names: list[str] | None = None,
+    model: str = MODEL_ID,
+) -> int:
+    """One segment run's commit to the Delta table at ``output``: ``rows`` as Parquet parts
+    ``run-<seq>/part-<n>.parquet`` added, the committed files ``removes`` (relative to
+    ``output``) removed, and a record like the writer's (``counts`` the table's rows after
+    the commit; ``changes`` what it added, replaced and removed). Returns the version of
+    this commit (the table properties may take another, after it)."""
+    fs, base = get_fs(output, options)
+    before = _table_rows(output, options)
+    adds = []
+    for n, i in enumerate(range(0, len(rows), rows_per_file)):
+        name = f"run-{seq:06d}/part-{n:06d}.parquet"
+        fs.makedirs(join(base, f"run-{seq:06d}"), exist_ok=True)
+        part = pa.Table.from_pylist(rows[i : i + rows_per_file], schema=SCHEMA)
+        with fs.open(join(base, name), "wb") as f:
+            # No stored Arrow schema: Delta has no fixed-size lists, and Polars, which goes
+            # by the stored schema, refuses `box` as Array(Float32, 4) against the table's
+            # List(Float32). pyarrow reads the files as SCHEMA all the same.
+            pq.write_table(part, f, compression="zstd", store_schema=False)
+        with fs.open(join(base, name), "rb") as f:
+            meta = pq.read_metadata(f)
+        adds.append(DataFile(name, fs.size(join(base, name)), file_stats(meta), meta.num_rows))
+    gone = {uri for name in removes for uri in _column(fs, join(base, name), "uri")}
+    record = _run_record(run_id, model, class_names, before, rows, gone)
+    removed = [DataFile(name, fs.size(join(base, name)), "", 0) for name in removes]
+    version = load_table(output, options).version() + 1 if has_table(output, options) else 0
+    commit_files(output, options, adds, removed, record, seq)
+    return version
+
+
+def _run_record(
+    run_id: str,
+    model: str,
+    class_names: list[str] | None,
+    before: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    gone: set[str],
+) -> dict[str, Any]:
+    """The writer's record of a run that adds ``rows`` to a table of ``before`` rows and
+    removes the files holding the images ``gone``."""
+    kept = [r for r in before if r["uri"] not in gone]
+    new = {r["uri"] for r in rows}
+    after = kept + rows
+    ok = sum(r["status"] == "ok" for r in after)
+    record = {
+        "format": FORMAT,
+        "operation": "segment",
+        "run_id": run_id,
+        "model": model,
+        "model_uri": "file:///models/test.safetensors",
+        "config": {"class_names": class_names or ["__background__"]},
+        "input": "file:///images",
+        "options": {},
+        "counts": {
+            "images": len(after),
+            "ok": ok,
+            "error": len(after) - ok,
+            "instances": sum(len(r["instances"] or []) for r in after),
+        },
+        "changes": {
+            "added": len(new - {r["uri"] for r in before}),
+            "replaced": len(new & gone),
+            "removed": len(gone - new),
+            "errors": sum(r["status"] == "error" for r in rows),
+        },
+        "started": "2024-01-01T00:00:00Z",
+        "finished": "2024-01-01T00:01:00Z",
+        "versions": {},
+    }
+    return record
+
+
+def _table_rows(output: str, options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The ``uri``, ``status`` and ``instances`` of every row of the table's latest version."""
+    if not has_table(output, options):
+        return []
+    fs, _ = get_fs(output, options)
+    rows = []
+    for uri in committed_files(output, options):
+        with fs.open(get_fs(uri, options)[1], "rb") as f:
+            rows += pq.read_table(f, columns=["uri", "status", "instances"]).to_pylist()
+    return rows
+
+
+def _column(fs: Any, path: str, name: str) -> list[Any]:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=[name])[name].to_pylist()
 
 
 # --- ground truth in COCO format, and rows that predict it exactly -------------------------
