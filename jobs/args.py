@@ -120,3 +120,35 @@ def actors(text: str) -> tuple[int, int]:
     return checked(
         text, _int_pair, lambda p: 1 <= p[0] <= p[1], "N or MIN,MAX with 1 <= MIN <= MAX"
     )
+
+
+def timestamp(text: str) -> str:
+    """An ISO 8601 time ("2026-01-31", "2026-01-31T12:00:00Z"); kept as text, which
+    pipeline.output.table reads (without an offset it is UTC)."""
+    from datetime import datetime
+
+    def parse(t: str) -> datetime:
+        t = t.strip()
+        return datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
+
+    checked(text, parse, lambda v: True, "an ISO 8601 time such as 2026-01-31T12:00:00Z")
+    return text
+
+
+def add_version_arguments(parser: Any, what: str = "OUTPUT") -> None:
+    """--version N or --as-of TIMESTAMP (not both) on ``parser``: which version of the table
+    ``what`` to read (default the latest); ``args.version`` and ``args.as_of`` go to
+    pipeline.output.results.open_results."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--version",
+        type=int_at_least(0),
+        metavar="N",
+        help=f"read version N of {what} (`maskrcnn history` lists them; default: the latest)",
+    )
+    group.add_argument(
+        "--as-of",
+        type=timestamp,
+        metavar="TIMESTAMP",
+        help=f"read {what} as it was at this ISO 8601 time (UTC unless it has an offset)",
+    )

@@ -14,7 +14,14 @@ import json
 import sys
 import time
 
-from jobs.args import add_storage_arguments, positive_int, require_at_least, storage_options_for
+from jobs.args import (
+    UsageError,
+    add_storage_arguments,
+    add_version_arguments,
+    positive_int,
+    require_at_least,
+    storage_options_for,
+)
 
 HELP = "COCO bbox and segm AP of a segment OUTPUT (--predictions) or a model (--model)"
 
@@ -59,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=int, default=None, help="with --model: only the first N images (by id)"
     )
+    add_version_arguments(parser, "--predictions")
     add_storage_arguments(parser)
 
 
@@ -68,17 +76,21 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.storage import redact, write_text
 
     require_at_least("--limit", args.limit, 1, " (or left out for every image)")
+    if args.model and (args.version is not None or args.as_of is not None):
+        raise UsageError("--version and --as-of choose a version of --predictions, not of --model")
     annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
     report: dict = {"annotations": redact(args.annotations)}
     if args.predictions:
         from pipeline.output.results import open_results
 
-        results = open_results(args.predictions, storage_options_for(args, args.predictions))
+        options = storage_options_for(args, args.predictions)
+        results = open_results(args.predictions, options, args.version, args.as_of)
         metrics, stats = evaluate_output(results, annotations, summary_out=sys.stdout)
         for w in stats.warnings():
             print(f"maskrcnn evaluate: warning: {w}", file=sys.stderr)
         report.update(
             predictions=redact(args.predictions),
+            version=results.manifest.get("version"),
             model=results.manifest.get("model"),
             images=len(stats.image_ids),
             detections=stats.detections,

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from jobs.args import add_storage_arguments, storage_options_for
+from jobs.args import add_storage_arguments, add_version_arguments, storage_options_for
 
 HELP = "write a segment OUTPUT's detections as COCO results JSON (for COCO.loadRes)"
 
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="COCO annotations whose image ids (by file name) and category ids (by name) to use",
     )
+    add_version_arguments(parser)
     add_storage_arguments(parser)
 
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.output.results import open_results
     from pipeline.storage import redact, write_json_list, write_text
 
-    results = open_results(args.output, storage_options_for(args, args.output))
+    options = storage_options_for(args, args.output)
+    results = open_results(args.output, options, args.version, args.as_of)
     stats = ExportStats()
     if args.annotations:
         annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))

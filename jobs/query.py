@@ -15,7 +15,12 @@ import json
 import sys
 from typing import Any, TextIO
 
-from jobs.args import UsageError, add_storage_arguments, storage_options_for
+from jobs.args import (
+    UsageError,
+    add_storage_arguments,
+    add_version_arguments,
+    storage_options_for,
+)
 
 HELP = "run SQL (DuckDB, read-only) over a segment OUTPUT: views `images` and `instances`"
 
@@ -39,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="rows shown by the table format (csv/json print all); default 1000",
     )
+    add_version_arguments(parser)
     add_storage_arguments(parser)
 
 
@@ -48,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.output.results import open_results
 
-    results = open_results(args.output, storage_options_for(args, args.output))
+    options = storage_options_for(args, args.output)
+    results = open_results(args.output, options, args.version, args.as_of)
     con = results.connect()
     # Errors can surface while the result streams, not only when the query starts.
     try:

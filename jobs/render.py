@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.args import add_storage_arguments, require_at_least, storage_options_for
+from jobs.args import (
+    add_storage_arguments,
+    add_version_arguments,
+    require_at_least,
+    storage_options_for,
+)
 
 HELP = "draw PNG overlays (masks, boxes, labels) for images of a segment OUTPUT"
 
@@ -26,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-score", type=float, default=0.0, help="draw detections scoring at least this"
     )
+    add_version_arguments(parser)
     add_storage_arguments(parser)
 
 
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.storage import redact
 
     require_at_least("--limit", args.limit, 1)
-    results = open_results(args.output, storage_options_for(args, args.output))
+    options = storage_options_for(args, args.output)
+    results = open_results(args.output, options, args.version, args.as_of)
 
     def written(uri: str, overlay: str) -> None:
         print(f"render: {redact(uri)} -> {redact(overlay)}")
