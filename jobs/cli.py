@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("query", "jobs.query"),
     ("export-coco", "jobs.export_coco"),
     ("render", "jobs.render"),
+    ("history", "jobs.history"),
 ]
 
 
