@@ -19,6 +19,7 @@ from helpers.outputs_fixture import (
     ok_row,
     rect_mask,
     write_output,
+    write_table_output,
 )
 from pycocotools import mask as mask_utils
 
@@ -46,10 +47,12 @@ def fixture_rows() -> list[dict]:
     ]
 
 
-@pytest.fixture
-def output(tmp_path):
+@pytest.fixture(params=["table", "folder"])
+def output(tmp_path, request):
+    """The fixture rows committed to a Delta table, and in the previous folder format."""
     out = tmp_path / "out"
-    write_output(str(out), fixture_rows(), rows_per_file=2)
+    write = write_table_output if request.param == "table" else write_output
+    write(str(out), fixture_rows(), rows_per_file=2)
     return out
 
 
