@@ -21,6 +21,7 @@ from helpers.outputs_fixture import (
     rows_from_coco,
     shapes_scene,
     write_output,
+    write_table_output,
 )
 from pycocotools.coco import COCO
 
@@ -169,6 +170,46 @@ def test_evaluate_perturbed_predictions_score_less(tmp_path):
     for iou_type in ("bbox", "segm"):
         assert 0.05 < metrics[iou_type]["AP"] < 0.9
         assert metrics[iou_type]["AP75"] < metrics[iou_type]["AP50"]
+
+
+def test_evaluate_and_export_read_the_version_asked(tmp_path):
+    gt = coco_ground_truth(scenes(4))
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = str(tmp_path / "table")
+    exact = rows_from_coco(gt, "/data")  # version 0: every object found
+    write_table_output(out, exact, rows_per_file=2, class_names=CLASS_NAMES)
+    worse = _perturbed_rows(gt)[2:]  # version 2: the second part's images redone, worse
+    write_table_output(
+        out, worse, run_id="test-run-2", seq=2, removes=["run-000001/part-000001.parquet"]
+    )
+
+    def evaluate(*flags: str) -> dict:
+        metrics = tmp_path / "metrics.json"
+        proc = maskrcnn(
+            "evaluate", "--predictions", out, "--annotations", str(tmp_path / "gt.json"),
+            "--output", str(metrics), *flags,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(metrics.read_text())
+
+    latest, first = evaluate(), evaluate("--version", "0")
+    assert (latest["version"], first["version"]) == (2, 0)
+    assert first["metrics"]["segm"]["AP"] == pytest.approx(1.0)
+    assert latest["metrics"]["segm"]["AP"] < 0.9
+    detections = sum(len(r["instances"]) for r in exact)
+    assert (first["detections"], latest["detections"]) == (detections, detections - 2)
+
+    proc = maskrcnn("export-coco", out, str(tmp_path / "r.json"), "--version", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads((tmp_path / "r.json").read_text())) == detections
+    proc = maskrcnn("export-coco", out, str(tmp_path / "r.json"))
+    assert len(json.loads((tmp_path / "r.json").read_text())) == detections - 2
+
+    model = maskrcnn(
+        "evaluate", "--model", "m.safetensors", "--annotations", str(tmp_path / "gt.json"),
+        "--version", "0",
+    )  # fmt: skip
+    assert model.returncode == 2 and "not of --model" in model.stderr
 
 
 def test_coco_evaluate_model_outputs_of_ground_truth_score_one():

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.cli import run_cli as maskrcnn
-from helpers.outputs_fixture import disc_mask, error_row, instance, ok_row, rect_mask, write_output
+from helpers.outputs_fixture import (
+    disc_mask,
+    error_row,
+    instance,
+    ok_row,
+    rect_mask,
+    write_output,
+    write_table_output,
+)
 from PIL import Image
 
 from pipeline.output.render import MASK_ALPHA, label_colour, overlay_name
@@ -117,6 +125,19 @@ def test_where_and_limit_select_images(scene, tmp_path):
     names = [p.name for p in dest.iterdir()]
     assert len(names) == 1 and names[0].startswith("pic-")  # b/pic.png sorts before b/turned.png
     assert "wrote 1 overlay(s)" in proc.stdout
+
+
+def test_a_table_renders_its_latest_version_unless_asked(scene, tmp_path):
+    _, detections, _ = scene
+    table = str(tmp_path / "table")
+    write_table_output(table, [ok_row(u, W, H, d) for u, d in detections.items()], rows_per_file=2)
+    write_table_output(table, [], seq=2, removes=["run-000001/part-000001.parquet"])
+    latest = maskrcnn("render", table, str(tmp_path / "latest"))
+    first = maskrcnn("render", table, str(tmp_path / "first"), "--version", "0")
+    assert latest.returncode == first.returncode == 0, latest.stderr + first.stderr
+    uris = list(detections)  # a/pic.png, b/pic.png, then b/turned.png in the removed part
+    assert {p.name for p in (tmp_path / "latest").iterdir()} == {overlay_name(u) for u in uris[:2]}
+    assert {p.name for p in (tmp_path / "first").iterdir()} == {overlay_name(u) for u in uris}
 
 
 def test_bad_where_and_unfinished_output_are_one_line_errors(scene, tmp_path):
