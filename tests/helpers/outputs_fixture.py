@@ -168,10 +168,7 @@ def write_table_output(
         fs.makedirs(join(base, f"run-{seq:06d}"), exist_ok=True)
         part = pa.Table.from_pylist(rows[i : i + rows_per_file], schema=SCHEMA)
         with fs.open(join(base, name), "wb") as f:
-            # No stored Arrow schema: Delta has no fixed-size lists, and Polars, which goes
-            # by the stored schema, refuses `box` as Array(Float32, 4) against the table's
-            # List(Float32). pyarrow reads the files as SCHEMA all the same.
-            pq.write_table(part, f, compression="zstd", store_schema=False)
+            pq.write_table(part, f, compression="zstd")
         with fs.open(join(base, name), "rb") as f:
             meta = pq.read_metadata(f)
         adds.append(DataFile(name, fs.size(join(base, name)), file_stats(meta), meta.num_rows))
