@@ -6,11 +6,13 @@ import argparse
 
 from jobs.args import (
     actors,
+    add_dashboard_argument,
     add_storage_arguments,
     non_negative,
     positive_int,
     score,
     storage_options_for,
+    use_dashboard,
 )
 
 HELP = "segment every image under INPUT into a Parquet dataset at OUTPUT (Ray Data, exactly once)"
@@ -104,6 +106,7 @@ def _cluster_arguments(p: argparse.ArgumentParser) -> None:
         "--address",
         help="Ray address (default: RAY_ADDRESS, else the live `ray start` cluster, else local)",
     )
+    add_dashboard_argument(p)
     # Cluster shape and stalls (issue 17).
     p.add_argument(
         "--stall-timeout",
@@ -124,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.segment.driver import SegmentOptions, segment
     from pipeline.segment.model_source import ModelSource
 
+    use_dashboard(args)
     source = ModelSource(
         checkpoint=args.model,
         torchvision=args.torchvision_weights,
