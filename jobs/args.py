@@ -45,6 +45,23 @@ def add_storage_arguments(parser: Any, anon: bool = True) -> None:
         )
 
 
+def add_dashboard_argument(parser: Any) -> None:
+    """--dashboard on ``parser``: the commands that may start an embedded Ray instance;
+    :func:`use_dashboard` passes it on."""
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start Ray's dashboard with a local Ray instance (off: it costs CPU all run long)",
+    )
+
+
+def use_dashboard(args: argparse.Namespace) -> None:
+    """Whether an embedded Ray instance this command starts runs the dashboard (--dashboard)."""
+    from pipeline.cluster import LOCAL_RAY
+
+    LOCAL_RAY.dashboard = bool(getattr(args, "dashboard", False))
+
+
 def storage_options_for(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     """fsspec storage options for ``uri`` from the storage flags (then the environment)."""
     from pipeline.storage import storage_options

@@ -153,13 +153,15 @@ def _metrics_current(metrics: Path, model_path: Path) -> dict | None:
 def _init_ray() -> None:
     import ray
 
+    from pipeline.cluster import start_local_ray
+
     if ray.is_initialized():
         return
-    # address="local": always an embedded instance, even with RAY_ADDRESS set. Logical
-    # CPUs for 2 train workers + the Train controller even on a 2-core machine. The
-    # dashboard stays on: Ray Train's placement-group cleaner asks the state API it
-    # serves whether the controller lives, and warns every second when it cannot.
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), configure_logging=False)
+    # Always an embedded instance, even with RAY_ADDRESS set. Logical CPUs for 2 train
+    # workers + the Train controller even on a 2-core machine. The dashboard stays on:
+    # Ray Train's placement-group cleaner asks the state API it serves whether the
+    # controller lives, and warns every second when it cannot.
+    start_local_ray(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ RAY_MODULES = {
     "tests/fault/test_concurrent_runs.py": "ray",
     "tests/fault/test_storage_faults.py": "ray",
     "tests/test_demo.py": "ray",
+    "tests/test_first_run.py": "ray",
     "tests/segment/inputs/test_inventory.py": "ray",
     "tests/segment/inputs/test_prefix.py": "ray",
     "tests/test_install.py": "ray",

@@ -143,8 +143,13 @@ def _init_ray(opts: TrainOptions, log: Callable[[str], None]) -> None:
     # A local instance: enough logical CPUs for the workers and the Train controller
     # even on a 2-core machine (workers take 1 CPU each by default).
     needed = math.ceil(opts.workers * opts.cpus_per_worker) + 1
-    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API.
-    init_ray(opts.address, log, "train", num_cpus=max(os.cpu_count() or 1, needed))
+    # The dashboard stays on, --dashboard or not: Ray Train's placement-group cleaner asks
+    # the state API it serves whether the controller lives, and warns every second when
+    # it cannot.
+    init_ray(
+        opts.address, log, "train", num_cpus=max(os.cpu_count() or 1, needed),
+        include_dashboard=True,
+    )  # fmt: skip
 
 
 def _placement_watch(
