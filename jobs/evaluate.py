@@ -3,8 +3,9 @@
     maskrcnn evaluate --predictions OUTPUT --annotations coco.json
     maskrcnn evaluate --model model.safetensors --annotations coco.json [--images ROOT]
 
-Prints COCOeval's summarize() table for bbox and segm and writes the metrics
-as JSON (--output, default metrics.json in the current directory).
+Prints COCOeval's summarize() table for bbox and segm, then AP, AP50 and AP75 per class
+with each class's ground-truth instances, and writes it all as JSON (--output, default
+metrics.json in the current directory; per class under "per_class").
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.output.coco_results import load_coco_json
-    from pipeline.output.evaluate import coco_evaluate, evaluate_output
+    from pipeline.output.evaluate import coco_evaluate, per_class_rows, per_class_text
     from pipeline.storage import redact, write_text
 
     require_at_least("--limit", args.limit, 1, " (or left out for every image)")
@@ -80,24 +81,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--version and --as-of choose a version of --predictions, not of --model")
     annotations = load_coco_json(args.annotations, storage_options_for(args, args.annotations))
     report: dict = {"annotations": redact(args.annotations)}
+    per_class: dict = {}
     if args.predictions:
-        from pipeline.output.results import open_results
-
-        options = storage_options_for(args, args.predictions)
-        results = open_results(args.predictions, options, args.version, args.as_of)
-        metrics, stats = evaluate_output(results, annotations, summary_out=sys.stdout)
-        for w in stats.warnings():
-            print(f"maskrcnn evaluate: warning: {w}", file=sys.stderr)
-        report.update(
-            predictions=redact(args.predictions),
-            version=results.manifest.get("version"),
-            model=results.manifest.get("model"),
-            images=len(stats.image_ids),
-            detections=stats.detections,
-        )
+        metrics, image_ids = _evaluate_output(args, annotations, report, per_class)
     else:
         preds, image_ids, seconds = _run_model(args, annotations)
-        metrics = coco_evaluate(annotations, preds, image_ids=image_ids, summary_out=sys.stdout)
+        metrics = coco_evaluate(
+            annotations, preds, image_ids=image_ids, summary_out=sys.stdout,
+            per_class_out=per_class,
+        )  # fmt: skip
         report.update(
             model_uri=redact(args.model),
             images=len(image_ids),
@@ -105,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
             seconds=round(seconds, 2),
         )
     report["metrics"] = metrics
+    report["per_class"] = per_class_rows(annotations, per_class, image_ids)
+    print("per class (gt: ground-truth instances in the images evaluated):")
+    print(per_class_text(report["per_class"]), end="")
     write_text(
         args.output, json.dumps(report, indent=2) + "\n", storage_options_for(args, args.output)
     )
@@ -112,6 +107,38 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluate: {report['images']} images, {report['detections']} detections: {summary}")
     print(f"evaluate: wrote {redact(args.output)}")
     return 0
+
+
+def _evaluate_output(
+    args: argparse.Namespace, annotations: dict, report: dict, per_class: dict
+) -> tuple[dict, list[int]]:
+    """--predictions: (metrics, image ids evaluated); the warnings printed, ``report``
+    and ``per_class`` filled."""
+    import dataclasses
+
+    from pipeline.output.evaluate import coverage_warning, evaluate_output
+    from pipeline.output.results import open_results
+    from pipeline.storage import redact
+
+    options = storage_options_for(args, args.predictions)
+    results = open_results(args.predictions, options, args.version, args.as_of)
+    metrics, stats = evaluate_output(
+        results, annotations, summary_out=sys.stdout, per_class_out=per_class
+    )
+    coverage = coverage_warning(stats, annotations)
+    if coverage:
+        print(f"maskrcnn evaluate: warning: {coverage}", file=sys.stderr)
+        stats = dataclasses.replace(stats, unmatched_images=0)  # said just above
+    for w in stats.warnings():
+        print(f"maskrcnn evaluate: warning: {w}", file=sys.stderr)
+    report.update(
+        predictions=redact(args.predictions),
+        version=results.manifest.get("version"),
+        model=results.manifest.get("model"),
+        images=len(stats.image_ids),
+        detections=stats.detections,
+    )
+    return metrics, sorted(stats.image_ids)
 
 
 def _run_model(args: argparse.Namespace, annotations: dict) -> tuple[list, list, float]:

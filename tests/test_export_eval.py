@@ -421,6 +421,11 @@ def test_evaluate_model_checkpoint_matches_library_path(shapes_and_model, tmp_pa
     for iou_type in ("bbox", "segm"):
         for key in ("AP", "AP50", "AR100"):
             assert report["metrics"][iou_type][key] == pytest.approx(want[iou_type][key], abs=1e-3)
+    # Per class too, with each class's ground truth in the images evaluated.
+    rows = report["per_class"]
+    assert [r["name"] for r in rows] == [c["name"] for c in gt["categories"]]
+    assert sum(r["instances"] for r in rows) == len(gt["annotations"])
+    assert all(set(r["segm"]) == {"AP", "AP50", "AP75"} for r in rows)
 
 
 def test_evaluate_model_with_other_class_names_is_refused(shapes_and_model, tmp_path):
@@ -440,3 +445,73 @@ def test_evaluate_model_with_other_class_names_is_refused(shapes_and_model, tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "none of the model's class names ['cat', 'dog']" in lines[0]
     assert not (tmp_path / "m.json").exists()
+
+
+# --- per class, and OUTPUTs that cover part of the annotations (issue 26) ------------------
+def _evaluate(out, gt_path, tmp_path):
+    proc = maskrcnn(
+        "evaluate", "--predictions", str(out), "--annotations", str(gt_path),
+        "--output", str(tmp_path / "m.json"),
+    )  # fmt: skip
+    return proc, (json.loads((tmp_path / "m.json").read_text()) if proc.returncode == 0 else None)
+
+
+def test_evaluate_reports_ap_per_class_with_its_ground_truth_count(tmp_path):
+    """Every circle left out of an exact OUTPUT: circle scores 0, the others 1, in the
+    printed table and in the JSON, beside each class's ground-truth instances."""
+    gt = coco_ground_truth(scenes())
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    rows = rows_from_coco(gt, "/data")
+    for row in rows:
+        row["instances"] = [d for d in row["instances"] if d["label_name"] != "circle"]
+    write_output(str(tmp_path / "out"), rows)
+    proc, report = _evaluate(tmp_path / "out", tmp_path / "gt.json", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    want = {}
+    for ann in gt["annotations"]:
+        want[names[ann["category_id"]]] = want.get(names[ann["category_id"]], 0) + 1
+    by_name = {r["name"]: r for r in report["per_class"]}
+    assert {n: r["instances"] for n, r in by_name.items() if r["instances"]} == want
+    for kind in ("bbox", "segm"):
+        assert by_name["circle"][kind] == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        for name in ("square", "triangle"):
+            assert by_name[name][kind] == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("class "))
+    kinds = " ".join(f"{k} {n}" for k in ("bbox", "segm") for n in ("AP", "AP50", "AP75"))
+    assert lines[head].split() == ["class", "gt", *kinds.split()]
+    circle = next(line for line in lines[head:] if line.startswith("circle "))
+    assert circle.split() == ["circle", str(want["circle"])] + ["0.000"] * 6
+
+
+def test_evaluate_warns_when_output_covers_part_of_the_annotations(tmp_path):
+    gt = coco_ground_truth(scenes())
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    shared = [img["file_name"] for img in gt["images"][:3]]
+    rows = [r for r in rows_from_coco(gt, "/data") if r["uri"].split("/data/", 1)[1] in shared]
+    extra = rect_mask(H, W, 5, 5, 20, 20)
+    rows += [
+        ok_row(f"/other/x{i}.png", W, H, [instance(1, "square", 0.8, extra)]) for i in range(4)
+    ]
+    write_output(str(tmp_path / "out"), rows)
+    proc, report = _evaluate(tmp_path / "out", tmp_path / "gt.json", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (warning,) = [line for line in proc.stderr.splitlines() if "AP is over" in line]
+    assert "AP is over the 3 images OUTPUT and the annotations share" in warning
+    missing = ", ".join(img["file_name"] for img in gt["images"][3:6])
+    assert f"3 of the annotations' 6 images are not in OUTPUT (e.g. {missing})" in warning
+    assert "4 of OUTPUT's images are not in the annotations (e.g. /other/x0.png, " in warning
+    assert report["images"] == 3 and report["metrics"]["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_evaluate_with_no_image_in_common_says_how_names_match(gt_and_output, tmp_path):
+    _, _, out = gt_and_output
+    other = {"images": [{"id": 1, "file_name": "elsewhere/z.png", "height": 5, "width": 5}],
+             "annotations": [], "categories": CATEGORIES}  # fmt: skip
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc, _ = _evaluate(out, tmp_path / "other.json", tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "the annotations e.g. elsewhere/z.png" in line
+    assert "matches the file_name equal to the end of its path" in line

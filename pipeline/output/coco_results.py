@@ -97,6 +97,7 @@ class ExportStats:
     unknown_class_detections: int = 0  # label_name not a category name
     unknown_classes: set[str] = field(default_factory=set)
     image_ids: set[int] = field(default_factory=set)  # annotation images that were matched
+    unmatched_examples: list[str] = field(default_factory=list)  # the first few such URIs
 
     def warnings(self) -> list[str]:
         out = []
@@ -225,6 +226,8 @@ def _row_image_ids(
         image_id = matcher.match(uri) if matcher is not None else image_ids.get(uri)
         if image_id is None:
             stats.unmatched_images += 1
+            if len(stats.unmatched_examples) < 3:
+                stats.unmatched_examples.append(redact(uri))
         elif matcher is not None and image_id in stats.image_ids:
             stats.duplicate_images += 1
         else:

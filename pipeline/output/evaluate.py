@@ -89,6 +89,7 @@ def coco_evaluate(
     image_ids: Sequence[int] | None = None,
     iou_types: Sequence[str] = IOU_TYPES,
     summary_out: TextIO | None = None,
+    per_class_out: dict[str, dict[int, dict[str, float]]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """COCO AP of ``results_list`` against ``gt_coco`` (a COCO or a dataset dict).
 
@@ -98,7 +99,9 @@ def coco_evaluate(
     ``image_ids`` restricts evaluation to those images (default: all of the
     ground truth's). Results need ``segmentation`` RLEs for segm. When
     ``summary_out`` is given, COCOeval's summarize() table for each IoU type is
-    written there. An empty results list scores 0 where there is ground truth.
+    written there; ``per_class_out`` gets ``{iou_type: {category id: {"AP", "AP50",
+    "AP75"}}}`` (:func:`per_class_ap`). An empty results list scores 0 where there is
+    ground truth.
     """
     gt = ground_truth(gt_coco)
     ids = sorted(gt.getImgIds()) if image_ids is None else sorted(set(image_ids))
@@ -123,7 +126,65 @@ def coco_evaluate(
         if summary_out is not None:
             summary_out.write(f"{iou_type}:\n{table.getvalue()}")
         metrics[iou_type] = {n: float(v) for n, v in zip(STAT_NAMES, evaluator.stats)}
+        if per_class_out is not None:
+            per_class_out[iou_type] = per_class_ap(evaluator)
     return metrics
+
+
+def per_class_ap(evaluator: Any) -> dict[int, dict[str, float]]:
+    """{category id: {"AP", "AP50", "AP75"}} of an accumulated COCOeval: its precision
+    [IoU thresholds, recall points, categories, areas, max dets] averaged as summarize()
+    does for one category (all areas, the largest max dets); -1 without ground truth."""
+    precision = evaluator.eval["precision"]
+    thresholds = [round(float(t), 2) for t in evaluator.params.iouThrs]
+    picks = {"AP": slice(None), "AP50": [thresholds.index(0.5)], "AP75": [thresholds.index(0.75)]}
+    out = {}
+    for k, cat in enumerate(evaluator.params.catIds):
+        values = {}
+        for name, rows in picks.items():
+            p = precision[rows, :, k, 0, -1]
+            values[name] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+        out[int(cat)] = values
+    return out
+
+
+def per_class_rows(
+    gt: Any, per_class: Mapping[str, Mapping[int, Mapping[str, float]]], image_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """One row per category of ``gt`` (a COCO dict or COCO): its id, name, ground-truth
+    instances (not crowd) in ``image_ids``, and each IoU type's AP, AP50, AP75."""
+    dataset = gt.dataset if isinstance(gt, COCO) else gt
+    ids = set(image_ids)
+    counts: dict[int, int] = {}
+    for ann in dataset.get("annotations", []):
+        if ann["image_id"] in ids and not ann.get("iscrowd", 0):
+            counts[ann["category_id"]] = counts.get(ann["category_id"], 0) + 1
+    rows = []
+    for cat in sorted(dataset["categories"], key=lambda c: c["id"]):
+        row: dict[str, Any] = {"id": cat["id"], "name": cat["name"]}
+        row["instances"] = counts.get(cat["id"], 0)
+        for iou_type, table in per_class.items():
+            row[iou_type] = dict(table.get(cat["id"], {"AP": -1.0, "AP50": -1.0, "AP75": -1.0}))
+        rows.append(row)
+    return rows
+
+
+def per_class_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The per-class rows as an aligned table, one line per class (-1 prints as "-")."""
+    kinds = [k for k in IOU_TYPES if rows and k in rows[0]]
+    width = max([len("class")] + [len(str(r["name"])) for r in rows])
+    head = f"{'class':<{width}}  {'gt':>6}"
+    for kind in kinds:
+        head += "".join(f"  {f'{kind} {n}':>10}" for n in ("AP", "AP50", "AP75"))
+    lines = [head]
+    for r in rows:
+        line = f"{r['name']:<{width}}  {r['instances']:>6}"
+        for kind in kinds:
+            for n in ("AP", "AP50", "AP75"):
+                v = r[kind][n]
+                line += f"  {(f'{v:.3f}' if v >= 0 else '-'):>10}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _load_results(gt: Any, results_list: Sequence[Mapping[str, Any]], iou_type: str) -> Any:
@@ -174,24 +235,62 @@ def label_to_category_ids(
 
 
 def evaluate_output(
-    results: Any, annotations: dict[str, Any], summary_out: TextIO | None = None
+    results: Any,
+    annotations: dict[str, Any],
+    summary_out: TextIO | None = None,
+    per_class_out: dict[str, dict[int, dict[str, float]]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """COCO AP of a committed OUTPUT (a pipeline.output.results.Results) against ``annotations``.
 
     Only the annotation images the OUTPUT holds are evaluated (a run over part
-    of a dataset is scored on that part). Returns (metrics, ExportStats).
+    of a dataset is scored on that part; :func:`coverage_warning` says so). Returns
+    (metrics, ExportStats). ValueError, saying how names are matched, when no image
+    of OUTPUT is an image of the annotations.
     """
     stats = ExportStats()
     dets = list(output_coco_results(results, annotations, stats=stats))
     if not stats.image_ids:
         raise ValueError(
-            "no image of OUTPUT matches an image of the annotations by file name "
-            "(is --annotations the dataset this run segmented?)"
+            f"no image of OUTPUT matches an image of the annotations by file name "
+            f"(OUTPUT has e.g. {', '.join(stats.unmatched_examples) or 'no ok image'}; the "
+            f"annotations e.g. {', '.join(_file_names(annotations['images'][:3]))}): an "
+            f"image's URI matches the file_name equal to the end of its path "
+            f"(s3://b/data/train/cat.jpg matches train/cat.jpg or cat.jpg), else the one "
+            f"file_name with its base name; is --annotations the dataset this run segmented?"
         )
     metrics = coco_evaluate(
-        annotations, dets, image_ids=sorted(stats.image_ids), summary_out=summary_out
+        annotations,
+        dets,
+        image_ids=sorted(stats.image_ids),
+        summary_out=summary_out,
+        per_class_out=per_class_out,
     )
     return metrics, stats
+
+
+def coverage_warning(stats: Any, annotations: Mapping[str, Any]) -> str | None:
+    """A warning when OUTPUT's images and the annotations' images only partly agree (each
+    side's count and three example names), None when they are the same images."""
+    missing = [im for im in annotations["images"] if im["id"] not in stats.image_ids]
+    if not missing and not stats.unmatched_images:
+        return None
+    text = f"AP is over the {len(stats.image_ids)} images OUTPUT and the annotations share"
+    if missing:
+        names = ", ".join(_file_names(sorted(missing, key=lambda im: str(im["file_name"]))[:3]))
+        text += (
+            f"; {len(missing)} of the annotations' {len(annotations['images'])} images "
+            f"are not in OUTPUT (e.g. {names})"
+        )
+    if stats.unmatched_images:
+        text += (
+            f"; {stats.unmatched_images} of OUTPUT's images are not in the annotations "
+            f"(e.g. {', '.join(stats.unmatched_examples)})"
+        )
+    return text
+
+
+def _file_names(images: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [str(im["file_name"]) for im in images]
 
 
 def predict_coco_results(
