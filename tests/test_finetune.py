@@ -353,3 +353,50 @@ def test_shapes_unknown_class_is_a_one_line_error(tmp_path):
         lambda: make_shapes_dataset(str(tmp_path), 1, classes=("circle", "blob"))
     )
     assert message.startswith("--classes 'blob': not a shape")
+
+
+def test_metrics_go_one_object_per_checkpoint_interval_and_closed_ones_stay_put(tmp_path):
+    """Each report rewrites only its interval's object (object stores cannot append): a
+    closed interval's object is never written again, and a resumed run drops the lines
+    after its iteration, whole objects included."""
+    log = MetricsLog(str(tmp_path), {}, start=0)
+    folder = tmp_path / "metrics"
+    for it in range(1, 7):
+        log.add({"iteration": it, "loss": 1.0 / it}, close=it % 2 == 0)  # checkpoint every 2
+        if it == 2:
+            first = (folder / "00000001.jsonl").stat()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "00000001.jsonl", "00000003.jsonl", "00000005.jsonl",
+    ]  # fmt: skip
+    now = (folder / "00000001.jsonl").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert [m["iteration"] for m in read_metrics(str(tmp_path), {})] == [1, 2, 3, 4, 5, 6]
+
+    MetricsLog(str(tmp_path), {}, start=3)
+    assert sorted(p.name for p in folder.iterdir()) == ["00000001.jsonl", "00000003.jsonl"]
+    assert [m["iteration"] for m in read_metrics(str(tmp_path), {})] == [1, 2, 3]
+
+
+def test_init_is_read_by_rank_0_and_sent_to_the_others(tmp_path):
+    """Two ranks in a gloo group; the init exists only in rank 0's process: rank 1 still
+    ends with exactly the init's weights, so it got them from rank 0, not from storage."""
+    import io
+
+    import torch.multiprocessing as mp
+    from helpers.init_ranks import rank_main, tiny
+
+    init = tiny(seed=7)
+    buf = tmp_path / "init.safetensors"
+    save(init, str(buf))
+    mp.spawn(
+        rank_main,
+        args=(2, str(tmp_path / "store"), buf.read_bytes(), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    want = init.state_dict()
+    for rank in (0, 1):
+        got = torch.load(io.BytesIO((tmp_path / f"rank-{rank}.pt").read_bytes()))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (rank, k)

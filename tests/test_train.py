@@ -361,3 +361,13 @@ def test_checkpoint_restores_weights_optimizer_and_schedule(tmp_path):
     first2 = next(p for p in restored.parameters() if p.requires_grad)
     assert torch.equal(opt.state[first]["momentum_buffer"], opt2.state[first2]["momentum_buffer"])
     assert model_id(load(str(tmp_path / "model.safetensors"))) == model_id(model)
+
+
+def test_progress_line_ends_with_the_time_the_remaining_iterations_take():
+    from pipeline.train.progress import duration_text, format_log
+
+    losses = {"loss": 1.0, "loss_mask": 0.5}
+    line = format_log(40, 120, losses, 0.01, 12.3, seconds_per_step=0.75)
+    assert line.endswith("12.3 img/s  ETA 1m00s"), line  # 80 iterations left at 0.75 s
+    assert "ETA" not in format_log(120, 120, losses, 0.01, 12.3, seconds_per_step=0.75)
+    assert [duration_text(s) for s in (4.4, 725, 3 * 3600 + 7 * 60)] == ["4s", "12m05s", "3h07m"]

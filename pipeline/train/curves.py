@@ -1,10 +1,12 @@
-"""Training curves: STORAGE/NAME/metrics.jsonl while the run goes, curves.png at its end.
+"""Training curves: STORAGE/NAME/metrics/ while the run goes, curves.png at its end.
 
 Rank 0 writes one JSON line per report (iteration, losses, lr, images_per_s, and the
-AP metrics at evaluations) next to the checkpoints. A resumed run keeps the lines
-up to the iteration it resumed from, so replayed iterations are not listed twice.
-The file is rewritten whole at each report (object stores cannot append; the file
-is small: one line per --log-every iterations).
+AP metrics at evaluations) next to the checkpoints, in one object per checkpoint
+interval: STORAGE/NAME/metrics/ITERATION.jsonl, named by its first iteration. Object
+stores cannot append, so each report rewrites only the open interval's object (a few
+lines), never the run's whole history; a checkpoint closes it. A resumed run drops the
+lines after the iteration it resumed from, so replayed iterations are not listed twice.
+Readers take the objects in name order (and a metrics.jsonl of a run from before).
 
 The PNG is drawn with Pillow (matplotlib is not a dependency): loss on the left
 axis, AP on the right, against iteration.
@@ -21,36 +23,84 @@ from PIL import Image, ImageDraw
 from pipeline import storage
 from pipeline.formats.shapes import png_bytes
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_DIR = "metrics"
+LEGACY_METRICS_FILE = "metrics.jsonl"  # one file rewritten whole, before metrics/
 CURVES_FILE = "curves.png"
 
 
-def read_metrics(run_uri: str, options: dict[str, Any]) -> list[dict[str, Any]]:
-    """The metric lines of a run ([] when it has none yet)."""
-    fs, path = storage.get_fs(storage.join(run_uri, METRICS_FILE), options)
-    try:
-        text = fs.cat_file(path).decode()
-    except FileNotFoundError:
-        return []
+def _chunk_name(iteration: int) -> str:
+    return f"{iteration:08d}.jsonl"
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _metric_objects(run_uri: str, options: dict[str, Any]) -> tuple[Any, list[str]]:
+    """(filesystem, paths): a legacy metrics.jsonl first, then metrics/*.jsonl by name."""
+    fs, run_path = storage.get_fs(run_uri, options)
+    paths = []
+    if fs.exists(f"{run_path}/{LEGACY_METRICS_FILE}"):
+        paths.append(f"{run_path}/{LEGACY_METRICS_FILE}")
+    try:
+        found = fs.ls(f"{run_path}/{METRICS_DIR}", detail=False)
+    except FileNotFoundError:
+        found = []
+    paths += sorted(p for p in found if p.endswith(".jsonl"))
+    return fs, paths
+
+
+def read_metrics(run_uri: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metric lines of a run, in order ([] when it has none yet)."""
+    fs, paths = _metric_objects(run_uri, options)
+    lines = []
+    for path in paths:
+        try:
+            lines += _parse(fs.cat_file(path).decode())
+        except FileNotFoundError:  # removed by a resumed run meanwhile
+            continue
+    return lines
+
+
 class MetricsLog:
-    """Rank 0's metrics.jsonl of a run, continued from iteration ``start``."""
+    """Rank 0's metrics of a run, continued from iteration ``start``."""
 
     def __init__(self, run_uri: str, options: dict[str, Any], start: int) -> None:
-        self.uri, self.options = storage.join(run_uri, METRICS_FILE), options
-        self.lines = [m for m in read_metrics(run_uri, options) if m["iteration"] <= start]
+        self.dir, self.options = storage.join(run_uri, METRICS_DIR), options
+        self.lines: list[dict[str, Any]] = []  # of the open interval
+        self.uri: str | None = None  # its object
+        self._drop_after(run_uri, start)
 
-    def add(self, metrics: dict[str, Any]) -> None:
-        """Append one report's metrics (plain numbers) and rewrite the file."""
-        self.lines.append({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
-        text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.lines)
-        storage.atomic_write(self.uri, text.encode(), self.options)
+    def _drop_after(self, run_uri: str, start: int) -> None:
+        """Remove the lines after iteration ``start`` (a resumed run replays them)."""
+        fs, paths = _metric_objects(run_uri, self.options)
+        for path in paths:
+            lines = _parse(fs.cat_file(path).decode())
+            kept = [m for m in lines if m["iteration"] <= start]
+            if not kept:
+                fs.rm_file(path)
+            elif len(kept) < len(lines):
+                uri = storage.full_uri(fs, path)
+                storage.atomic_write(uri, self._text(kept), self.options)
+
+    @staticmethod
+    def _text(lines: list[dict[str, Any]]) -> bytes:
+        return "".join(json.dumps(m, sort_keys=True) + "\n" for m in lines).encode()
+
+    def add(self, metrics: dict[str, Any], close: bool = False) -> None:
+        """Append one report's metrics (plain numbers): rewrite the open interval's object;
+        ``close`` (at a checkpoint) ends the interval, the next report opens another."""
+        line = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+        if self.uri is None:
+            self.uri = storage.join(self.dir, _chunk_name(int(line["iteration"])))
+        self.lines.append(line)
+        storage.atomic_write(self.uri, self._text(self.lines), self.options)
+        if close:
+            self.lines, self.uri = [], None
 
 
 def write_curves(run_uri: str, options: dict[str, Any]) -> str | None:
-    """Draw STORAGE/NAME/curves.png from metrics.jsonl; its URI (None without metrics)."""
+    """Draw STORAGE/NAME/curves.png from the run's metrics; its URI (None without them)."""
     lines = read_metrics(run_uri, options)
     if not lines:
         return None

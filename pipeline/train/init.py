@@ -8,9 +8,9 @@ An init is one of (found by its contents, not its name):
 
 The driver reads it once to settle the run's architecture, check shapes and map
 classes by name (pipeline.train.options.init_record); the mapping travels in the
-TrainSpec, and a worker that starts a run without a checkpoint of its own reads the
-init again and loads it (:func:`apply_init`). A resumed run restores its checkpoint
-instead.
+TrainSpec, and when a run starts without a checkpoint of its own, rank 0 reads the
+init again, loads it and sends its weights to the other ranks (:func:`apply_init`). A
+resumed run restores its checkpoint instead.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import (
@@ -224,6 +225,16 @@ def load_init(model: torch.nn.Module, init: Init, pairs: list[tuple[int, int]]) 
 
 
 def apply_init(model: torch.nn.Module, record: dict[str, Any], options: dict[str, Any]) -> None:
-    """Load the init a TrainSpec's ``init`` record names (read again on this worker)."""
-    init = read_init(record["uri"], options)
-    load_init(model, init, [tuple(p) for p in record["pairs"]])
+    """Load the init a TrainSpec's ``init`` record names into ``model``.
+
+    In a worker group (torch.distributed initialised, more than one rank) rank 0 alone
+    reads the file and sends the model's tensors to the others: one download of an
+    init of hundreds of MB, not one per worker. Every rank must call it.
+    """
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not group or dist.get_rank() == 0:
+        init = read_init(record["uri"], options)
+        load_init(model, init, [tuple(p) for p in record["pairs"]])
+    if group:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)

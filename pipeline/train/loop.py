@@ -43,7 +43,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    metrics_log: MetricsLog | None = None  # rank 0: STORAGE/NAME/metrics.jsonl
+    metrics_log: MetricsLog | None = None  # rank 0: STORAGE/NAME/metrics/
 
 
 class Due(NamedTuple):
@@ -196,18 +196,19 @@ def _report(
 ) -> None:
     """Log, evaluate (rank 0) and ray.train.report what is due at ``step``."""
     # Every rank gets here at the same iterations: the mean over ranks is a collective.
+    seconds_per_step = window.seconds_per_step()
     losses, images_per_second = window.mean_over_ranks(worker.device, worker.world)
     lr = learner.optimizer.param_groups[0]["lr"]
     metrics: dict[str, Any] = {"iteration": step, "lr": lr, "images_per_s": images_per_second}
     metrics.update(losses)
     if worker.rank == 0 and due.log:
-        line = format_log(step, spec.iterations, losses, lr, images_per_second)
+        line = format_log(step, spec.iterations, losses, lr, images_per_second, seconds_per_step)
         print("train: " + line, flush=True)
     if due.evaluate and worker.rank == 0:
         metrics.update(evaluator(learner.model, fast=learner.fast))
         print("train: " + format_eval(step, metrics), flush=True)
     if worker.metrics_log is not None:
-        worker.metrics_log.add(metrics)
+        worker.metrics_log.add(metrics, close=due.checkpoint)
     if due.checkpoint or due.evaluate:
         with_checkpoint = due.checkpoint and worker.rank == 0
         _ray_report(metrics, step, learner if with_checkpoint else None)

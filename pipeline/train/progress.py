@@ -2,7 +2,7 @@
 
 Log lines (printed by rank 0; tests/helpers/train_logs.py reads them):
 
-    train: iter   40/120  loss 1.234 (obj 0.1 ...)  lr 0.01000  12.3 img/s
+    train: iter   40/120  loss 1.234 (obj 0.1 ...)  lr 0.01000  12.3 img/s  ETA 1m05s
     train: eval at iteration 120: bbox AP 0.512  segm AP 0.498  AP50 0.801  (8 images, 1.2s)
 """
 
@@ -47,9 +47,10 @@ def write_worker_status(
         "shard_images": shard_images,
         "time": time.time(),
     }
-    fs, path = storage.get_fs(storage.join(spec.storage, WORKERS_DIR), spec.storage_options)
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(f"{path}/rank-{rank}.json", json.dumps(status).encode())
+    uri = storage.join(spec.storage, WORKERS_DIR, f"rank-{rank}.json")
+    # atomic_write retries what storage throws now and then (throttling, a reset
+    # connection): a worker must not fail its start for that.
+    storage.atomic_write(uri, json.dumps(status).encode(), spec.storage_options)
 
 
 def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,10 @@ class LossWindow:
         for k, v in {"loss": loss, **loss_dict}.items():
             self.losses[k] = self.losses.get(k, 0.0) + float(v.detach())
 
+    def seconds_per_step(self) -> float:
+        """Wall seconds per iteration in the window so far."""
+        return (time.perf_counter() - self.start) / max(self.steps, 1)
+
     def mean_over_ranks(self, device: torch.device, world: int) -> tuple[dict[str, float], float]:
         """(mean loss per name, images per second of all ranks) of the window.
 
@@ -93,14 +98,36 @@ class LossWindow:
         return losses, float(mean[-1]) * world / max(seconds, 1e-9)
 
 
-def format_log(step: int, iterations: int, losses: dict[str, float], lr: float, ips: float) -> str:
-    """The progress line of iteration ``step`` (without the 'train: ' prefix)."""
+def format_log(
+    step: int,
+    iterations: int,
+    losses: dict[str, float],
+    lr: float,
+    ips: float,
+    seconds_per_step: float | None = None,
+) -> str:
+    """The progress line of iteration ``step`` (without the 'train: ' prefix); with
+    ``seconds_per_step`` (of the last window) it ends with the time the remaining
+    iterations take at that pace (evaluations and checkpoints not counted)."""
     parts = " ".join(f"{LOSS_NAMES.get(k, k)} {v:.3f}" for k, v in losses.items() if k != "loss")
     width = len(str(iterations))
-    return (
+    line = (
         f"iter {step:>{width}}/{iterations}  loss {losses['loss']:.3f} ({parts})  "
         f"lr {lr:.5f}  {ips:.1f} img/s"
     )
+    if seconds_per_step is not None and step < iterations:
+        line += f"  ETA {duration_text((iterations - step) * seconds_per_step)}"
+    return line
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as "45s", "12m05s" or "3h07m"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def format_eval(step: int, metrics: dict[str, Any]) -> str:
