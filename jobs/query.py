@@ -3,7 +3,7 @@
 Views: `images` (one row per input image, the Parquet schema) and `instances`
 (one row per detection of the ok images: uri, width, height, model,
 detection (0-based position in the image's list, score descending), label,
-label_name, score, box (FLOAT[4]) and x1, y1, x2, y2, mask_counts, area).
+label_name, score, box (FLOAT[], 4 values) and x1, y1, x2, y2, mask_counts, area).
 The connection cannot write or read any other file, load extensions or
 change settings.
 """

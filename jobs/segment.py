@@ -15,7 +15,10 @@ from jobs.args import (
     use_dashboard,
 )
 
-HELP = "segment every image under INPUT into a Parquet dataset at OUTPUT (Ray Data, exactly once)"
+HELP = (
+    "segment the images under INPUT that OUTPUT (a Delta table) has no row for yet, and "
+    "append their rows in one commit (Ray Data, exactly once)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,7 +93,22 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
         help="TF32 matmuls/convolutions for fp32 on Ampere+ GPUs (no effect on CPU); "
         "scores move by ~1e-4..1e-3",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace every row of OUTPUT's table in one commit (even of another model or "
+        "options); the versions before stay readable until the table is vacuumed",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the rows of images INPUT no longer lists, in the run's commit",
+    )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="segment again the images whose row is an error and replace those rows",
+    )
     p.add_argument(
         "--rows-per-part",
         type=positive_int,
@@ -144,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         fast=args.fast,
         tf32=args.tf32,
         overwrite=args.overwrite,
+        prune=args.prune,
+        retry_errors=args.retry_errors,
         rows_per_part=args.rows_per_part,
         ray_address=args.address,
         stall_timeout=args.stall_timeout,

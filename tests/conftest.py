@@ -25,18 +25,36 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 for the whole session.
+    """A moto S3 server on 127.0.0.1 for the whole session, in a process of its own: some
+    of delta-rs's calls hold the GIL while they wait on storage, so a server in the test's
+    own process would never answer them.
 
     Yields a dict with ``endpoint_url`` and ``storage_options`` (for fsspec /
     s3fs) and sets the standard AWS environment variables, so that processes
     started afterwards (Ray workers, subprocesses) reach the same endpoint.
     """
-    from moto.server import ThreadedMotoServer
+    import subprocess
+    import urllib.request
+
+    from helpers.wait import wait_until
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    gave_up = lambda: f"exit code {server.poll()}" if server.poll() is not None else None  # noqa: E731
+    wait_until(answers, "the moto S3 server to answer", 60, 0.1, gave_up)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -56,7 +74,8 @@ def s3_server():
             },
         }
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -143,7 +143,7 @@ def test_three_two_cpu_nodes(shapes_cluster, data, tmp_path):
     assert len(errors) == 1, bad.stderr[-3000:]
     assert "--cpus-per-actor 3" in errors[0] and "no node can host" in errors[0]
     assert "3 nodes of 2 CPUs" in errors[0] and "try --cpus-per-actor 1" in errors[0]
-    assert not list(out.glob("part-*.parquet")), "no row before the check"
+    assert not list(out.glob("run-*/part-*.parquet")), "no row before the check"
 
 
 @pytest.mark.slow
@@ -189,7 +189,7 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(shapes_cluster, dat
     )
     try:
         wait_until(
-            lambda: list(out.glob("part-*.parquet")),
+            lambda: list(out.glob("run-*/part-*.parquet")),
             "the first part",
             timeout=240,
             gave_up=lambda: None if proc.poll() is None else proc.communicate()[1][-3000:],
@@ -207,7 +207,7 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(shapes_cluster, dat
     assert proc.returncode != 0, stderr[-3000:]
     assert "stalled: no part for" in stderr and "--stall-timeout 20" in stderr, stderr[-3000:]
     assert "CPU: 3" in stderr, stderr[-3000:]
-    committed = len(list(out.glob("part-*.parquet")))
+    committed = len(list(out.glob("run-*/part-*.parquet")))
     assert 0 < committed < len(many), committed
 
     shapes_cluster.add_node(3)

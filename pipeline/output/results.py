@@ -1,8 +1,9 @@
 """Reading a committed segment OUTPUT: a pyarrow dataset and a locked-down DuckDB.
 
-Only the Parquet files the manifest lists are read (other files in OUTPUT may be
-the leftovers of a killed run); an OUTPUT without a manifest is refused with
-:class:`pipeline.output.schema.IncompleteOutputError`.
+Only the Parquet files the Delta log commits at the version read are read (or, for
+an OUTPUT of the folder format, those its manifest lists): other files in OUTPUT may
+be the leftovers of a killed run or of versions before. An OUTPUT with neither is
+refused with :class:`pipeline.output.schema.IncompleteOutputError`.
 
 The DuckDB connection is in memory and scans the files through a pyarrow
 dataset (lazily, batch by batch, with column projection), so the same code
@@ -20,8 +21,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.output.schema import SCHEMA, read_manifest
-from pipeline.storage import get_fs, join, protocol_of
+from pipeline.output.schema import SCHEMA, full_paths, read_manifest
+from pipeline.storage import get_fs, protocol_of
 
 # The Arrow source behind the `images` view. Users may query it too; it holds
 # nothing the view does not.
@@ -42,7 +43,7 @@ FROM (
 )
 """
 """One row per detection of the ok images. ``detection`` is the 0-based position
-in the image's ``instances`` list (score descending); ``box`` is FLOAT[4]
+in the image's ``instances`` list (score descending); ``box`` is FLOAT[] (4 values)
 x1, y1, x2, y2 in pixels, also given as the columns x1..y2."""
 
 # Applied in this order; lock_configuration last so nothing can undo the rest.
@@ -60,7 +61,8 @@ _LOCKDOWN = [
 class Results:
     """A committed segment OUTPUT opened for reading.
 
-    ``dataset`` is a pyarrow dataset over exactly the manifest's files, in
+    ``manifest``: what commits the rows (pipeline.output.schema.read_manifest), its
+    ``version`` too for a table. ``dataset`` is a pyarrow dataset over exactly its files, in
     :data:`pipeline.output.schema.SCHEMA`; scan it with ``to_batches`` to keep memory
     bounded, or ``to_table(columns=...)`` for small outputs.
     """
@@ -78,17 +80,24 @@ class Results:
         return self.dataset.count_rows()
 
 
-def open_results(output: str, options: dict[str, Any] | None = None) -> Results:
-    """Open the committed OUTPUT at any fsspec URI.
+def open_results(
+    output: str,
+    options: dict[str, Any] | None = None,
+    version: int | None = None,
+    as_of: str | None = None,
+) -> Results:
+    """Open the committed OUTPUT at any fsspec URI: a table's latest version, ``version``
+    or the version current at ``as_of`` (ISO 8601).
 
-    Raises IncompleteOutputError when OUTPUT has no manifest (the run did not
-    finish) and ValueError when the manifest's file list is malformed.
+    Raises IncompleteOutputError when OUTPUT holds no commit (the run did not
+    finish) and ValueError when the manifest's file list is malformed or the version
+    asked for is not there.
     """
-    manifest = read_manifest(output, options)
+    manifest = read_manifest(output, options, version, as_of)
     rel_files = manifest.get("files")
     if not isinstance(rel_files, list) or not all(isinstance(f, str) for f in rel_files):
         raise ValueError(f"the manifest of {output} has no list of data files ('files')")
-    files = [join(output, rel) for rel in rel_files]
+    files = full_paths(output, rel_files)
     return Results(output, manifest, files, _dataset(output, files, options))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.output.table import has_table, load_table, table_manifest
 from pipeline.storage import get_fs, join, redact
 
 MANIFEST_NAME = "_manifest.json"
@@ -24,7 +25,8 @@ INSTANCE_TYPE = pa.struct(
         pa.field("label", pa.int32()),
         pa.field("label_name", pa.string()),
         pa.field("score", pa.float32()),
-        pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in pixels
+        # x1, y1, x2, y2 in pixels: 4 values, in a list since Delta has no fixed-size list
+        pa.field("box", pa.list_(pa.float32())),
         pa.field("mask_counts", pa.string()),  # COCO compressed RLE, size [height, width]
         pa.field("area", pa.int64()),  # mask pixels
     ]
@@ -51,17 +53,34 @@ def manifest_uri(output: str) -> str:
     return join(output, MANIFEST_NAME)
 
 
-def read_manifest(output: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The committed manifest of ``output``.
+def read_manifest(
+    output: str,
+    options: dict[str, Any] | None = None,
+    version: int | None = None,
+    as_of: str | None = None,
+) -> dict[str, Any]:
+    """What commits ``output``'s rows, as a dict: the newest segment commit's record and
+    ``files`` (relative to OUTPUT) of a table at its latest version, ``version`` or ``as_of``
+    (pipeline/output/table.py); else the manifest of a folder-format OUTPUT, its ``files``
+    relative to OUTPUT.
 
-    Raises IncompleteOutputError (naming OUTPUT) when there is none, and
-    ValueError when it is not a manifest this version understands.
+    Raises IncompleteOutputError (naming OUTPUT) when there is neither, and
+    ValueError when it is not a manifest this version understands, or the version
+    asked for is not there.
     """
+    if has_table(output, options):
+        return table_manifest(output, load_table(output, options, version, as_of))
     fs, path = get_fs(manifest_uri(output), options)
     if not fs.exists(path):
         raise IncompleteOutputError(
-            f"{redact(output)} has no {MANIFEST_NAME}: the segment run did not finish "
+            f"{redact(output)} holds no committed segment table (no _delta_log/, no "
+            f"{MANIFEST_NAME}): the segment run did not finish "
             "(re-run the same `maskrcnn segment` command to complete it)"
+        )
+    if version is not None or as_of is not None:
+        raise ValueError(
+            f"{redact(output)} is a folder-format OUTPUT ({MANIFEST_NAME}), which has one "
+            "version only: drop --version/--as-of, or re-run segment on it to make it a table"
         )
     with fs.open(path, "rb") as f:
         try:
@@ -76,10 +95,19 @@ def read_manifest(output: str, options: dict[str, Any] | None = None) -> dict[st
     return manifest
 
 
-def committed_files(output: str, options: dict[str, Any] | None = None) -> list[str]:
-    """Full URIs of the Parquet files the manifest of ``output`` commits."""
-    manifest = read_manifest(output, options)
-    return [join(output, rel) for rel in manifest["files"]]
+def committed_files(
+    output: str,
+    options: dict[str, Any] | None = None,
+    version: int | None = None,
+    as_of: str | None = None,
+) -> list[str]:
+    """Full URIs of the Parquet files that ``output``'s log (or manifest) commits."""
+    return full_paths(output, read_manifest(output, options, version, as_of)["files"])
+
+
+def full_paths(output: str, files: list[str]) -> list[str]:
+    """``files`` (relative to OUTPUT, or full already) as full URIs."""
+    return [f if "://" in f or f.startswith("/") else join(output, f) for f in files]
 
 
 # Manifest fields (writer: pipeline/segment; readers: query, export-coco, evaluate, render):

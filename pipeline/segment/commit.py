@@ -43,7 +43,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.output.schema import FORMAT, SCHEMA
-from pipeline.segment.output import MANIFEST_NAME, SPEC_NAME, OutputDir, now_iso
+from pipeline.output.table import DataFile, commit_files, file_stats
+from pipeline.segment.output import OutputDir, OutputStateError, now_iso
 from pipeline.segment.plan import Plan
 from pipeline.storage import retrying
 
@@ -72,10 +73,54 @@ class Counts:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Counts:
+        """Of to_dict's or as_images' keys."""
+        values = {**values, "rows": values.get("rows", values.get("images"))}
         return cls(*(int(values.get(f.name) or 0) for f in fields(cls)))
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def as_images(self) -> dict[str, int]:
+        """The counts as a commit's record spells them (``images`` for rows)."""
+        return {
+            "images": self.rows,
+            "ok": self.ok,
+            "error": self.error,
+            "instances": self.instances,
+        }
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The comparison's outcome (the spec keeps it for a resumed run)."""
+
+    new: int  # listed keys without a row
+    retry: int  # listed keys whose row is an error, segmented again (--retry-errors)
+    gone: int  # rows whose key INPUT no longer lists
+    pruned: int  # of those, removed (--prune)
+    replaces: tuple[dict[str, Any], ...]  # per changed file: remove, add (or None), removed
+
+    @property
+    def to_segment(self) -> int:
+        return self.new + self.retry
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            "new": self.new,
+            "retry": self.retry,
+            "gone": self.gone,
+            "pruned": self.pruned,
+            "replaces": list(self.replaces),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Diff:
+        d = spec.get("diff") or {}
+        keys = ("new", "retry", "gone", "pruned")
+        return cls(*(int(d.get(k) or 0) for k in keys), tuple(d.get("replaces") or ()))
 
 
 def canonical_rows(table: pa.Table) -> pa.Table:
@@ -110,22 +155,30 @@ def parquet_part(table: pa.Table) -> tuple[bytes, Counts]:
     return buf.getvalue(), counts
 
 
-def read_counts(out: OutputDir, name: str) -> Counts:
-    """A part's counts from its footer alone: rows from the Parquet metadata, the rest from
-    the key-value metadata encode_part writes. Raises ValueError when they disagree."""
+def read_part(out: OutputDir, name: str) -> tuple[Counts, DataFile]:
+    """A part's counts and its entry in the table, from its footer alone: rows from the
+    Parquet metadata, the rest from the key-value metadata encode_part writes. Raises
+    ValueError when they disagree."""
+    rel = f"{out.parts}/{name}" if out.parts else name
 
-    def read() -> Counts:
-        with out.fs.open(out.path(name), "rb") as f:
+    def read() -> tuple[Counts, DataFile]:
+        with out.fs.open(out.path(rel), "rb") as f:
             meta = pq.ParquetFile(f).metadata
+            size = f.size
         counts = json.loads((meta.metadata or {}).get(COUNTS_KEY.encode(), b"{}"))
         if counts.get("rows") != meta.num_rows:
             raise ValueError(
-                f"{out.show(name)}: its footer counts {counts.get('rows')} rows, the file "
+                f"{out.show(rel)}: its footer counts {counts.get('rows')} rows, the file "
                 f"holds {meta.num_rows}; re-run with --overwrite"
             )
-        return Counts.from_dict(counts)
+        return Counts.from_dict(counts), DataFile(rel, size, file_stats(meta), meta.num_rows)
 
-    return retrying(read, what=f"reading {out.show(name)}")
+    return retrying(read, what=f"reading {out.show(rel)}")
+
+
+def read_counts(out: OutputDir, name: str) -> Counts:
+    """A part's counts (:func:`read_part`)."""
+    return read_part(out, name)[0]
 
 
 def spec_mismatches(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -141,23 +194,20 @@ def spec_mismatches(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def finalize(
-    out: OutputDir, spec: dict[str, Any], plan: Plan, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """Check the committed parts against the plan, write the manifest, remove _run/.
+def checked_parts(out: OutputDir, plan: Plan) -> list[tuple[Counts, DataFile]]:
+    """The run's parts, each checked against the plan (footers only, read on threads).
 
-    Reads each part's footer only (:func:`read_counts`), on threads. Raises RuntimeError
-    (nothing committed) when a shard's part is missing, a part is not the plan's, or a
-    part's rows are not its shard's count.
+    Raises RuntimeError (nothing committed) when a shard's part is missing, a part is not
+    the plan's, or a part's rows are not its shard's count.
     """
     names = out.part_names()
     shards = {name: plan.shard_of_part(name) for name in names}
     foreign = sorted(name for name, shard in shards.items() if shard is None)
     if foreign:
         raise RuntimeError(
-            f"{out.show()}: {len(foreign)} part(s) are not of this run's plan (first: "
-            f"{foreign[0]}; did two runs write it at once?); not committing. Re-run with "
-            "--overwrite"
+            f"{out.show(out.parts)}: {len(foreign)} part(s) are not of this run's plan "
+            f"(first: {foreign[0]}; did two runs write it at once?); not committing. Re-run "
+            "with --overwrite"
         )
     missing = plan.shards - len(names)
     if missing:
@@ -166,37 +216,102 @@ def finalize(
             "Re-run the same command"
         )
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
-        footers = list(pool.map(lambda name: read_counts(out, name), names))
-    for name, footer in zip(names, footers):
-        if footer.rows != plan.rows(shards[name]):
+        parts = list(pool.map(lambda name: read_part(out, name), names))
+    for name, (counts, _) in zip(names, parts):
+        if counts.rows != plan.rows(shards[name]):
             raise RuntimeError(
-                f"{out.show(name)} holds {footer.rows} rows, its shard "
+                f"{out.show(name)} holds {counts.rows} rows, its shard "
                 f"{plan.rows(shards[name])}; not committing. Re-run with --overwrite"
             )
-    total = sum(footers, Counts())
-    counts = {
-        "images": plan.images,
-        "ok": total.ok,
-        "error": total.error,
-        "instances": total.instances,
-    }
+    total = sum((c for c, _ in parts), Counts())
     if total.ok + total.error != plan.images:
-        raise RuntimeError(f"{out.show()}: part counts do not add up ({counts}); not committing")
-    manifest = {
+        raise RuntimeError(f"{out.show()}: part counts do not add up ({total}); not committing")
+    return parts
+
+
+def finalize(
+    out: OutputDir, spec: dict[str, Any], plan: Plan, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Commit the run to OUTPUT's table: its parts added, the files it changes replaced
+    (diff.py) or, with --overwrite, every file before removed; in one transaction carrying
+    the run's sequence number (table.commit_files). A run whose transaction the log holds
+    already (its driver died after committing) does not commit again.
+
+    Returns the commit's record, with ``version`` and ``files`` (the run's parts).
+    """
+    from pipeline.output.table import APP_ID, has_table, load_table
+
+    table = load_table(out.uri, out.options) if has_table(out.uri, out.options) else None
+    if table is not None and (table.transaction_version(APP_ID) or -1) >= spec["seq"]:
+        return committed_before(out, table, spec)
+    parts = checked_parts(out, plan)
+    diff = Diff.from_spec(spec)
+    removes = [DataFile(**{**c["remove"], "stats": ""}) for c in diff.replaces]
+    removed = sum((Counts.from_dict(c["removed"]) for c in diff.replaces), Counts())
+    base = Counts.from_dict(spec.get("base_counts") or {})
+    if spec.get("overwrite") and table is not None:
+        removes = _every_file(table)
+        removed = base
+    if table is not None and removes and table.version() != spec.get("base_version"):
+        raise OutputStateError(
+            f"OUTPUT {out.show()} changed since this run compared INPUT with it (version "
+            f"{spec.get('base_version')}, now {table.version()}); re-run the same command"
+        )
+    added = sum((c for c, _ in parts), Counts())
+    adds = [f for _, f in parts] + [DataFile(**c["add"]) for c in diff.replaces if c["add"]]
+    record = _record(spec, base - removed + added, added, diff, removed, extra)
+    version = commit_files(out.uri, out.options, adds, removes, record, spec["seq"], SCHEMA)
+    out.remove_temporaries()
+    return {**record, "version": version, "files": [f.path for f in adds]}
+
+
+def committed_before(out: OutputDir, table: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The record of the run's own commit, found in the log (an earlier attempt's), with
+    the table properties it implies set where the attempt died before setting them."""
+    from pipeline.output.table import commit_record, set_properties
+
+    for commit in table.history(limit=50):
+        record = commit_record(commit)
+        if record is not None and record.get("run_id") == spec["run_id"]:
+            set_properties(table, record)
+            return {**record, "version": commit["version"], "files": [], "found": True}
+    raise OutputStateError(
+        f"OUTPUT {out.show()}: the log holds run {spec['run_id']}'s transaction, but not "
+        "within its last 50 commits; its state under _run/ is stale: pass --overwrite"
+    )
+
+
+def _every_file(table: Any) -> list[DataFile]:
+    actions = pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes"])
+    return [DataFile(p, s, "", 0) for p, s in zip(*(c.to_pylist() for c in actions.columns))]
+
+
+def _record(
+    spec: dict[str, Any],
+    total: Counts,
+    added: Counts,
+    diff: Diff,
+    removed: Counts,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The commit's record (pipeline/output/table.py's module doc)."""
+    return {
         "format": FORMAT,
+        "operation": "segment",
         "run_id": spec["run_id"],
         "model": spec["model"],
         "model_uri": spec["model_uri"],
         "config": spec["config"],
         "input": spec["input"],
         "options": spec["options"],
-        "files": names,
-        "counts": counts,
+        "counts": total.as_images(),
+        "changes": {
+            "added": added.rows - diff.retry,
+            "replaced": diff.retry,
+            "removed": removed.rows if spec.get("overwrite") else diff.pruned,
+            "errors": added.error,
+        },
         "started": spec["started"],
         "finished": now_iso(),
         **extra,
     }
-    out.put_json(MANIFEST_NAME, manifest)
-    out.remove_temporaries()
-    out.remove(SPEC_NAME)
-    return manifest

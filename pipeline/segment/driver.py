@@ -35,13 +35,12 @@ from pipeline.segment.inputs.kinds import Input
 from pipeline.segment.inputs.listing import InputListing
 from pipeline.segment.lease import Lease
 from pipeline.segment.model_source import ModelSource, load_model
-from pipeline.segment.output import MANIFEST_NAME, RUN_DIR, SPEC_NAME, OutputDir, now_iso
+from pipeline.segment.output import RUN_DIR, SPEC_NAME, OutputDir, now_iso
 from pipeline.segment.plan import Plan
 from pipeline.segment.run import (
     Resources,
     SegmentOptions,
     SegmentRun,
-    already_complete,
     leased,
     open_run,
 )
@@ -63,11 +62,12 @@ def segment(
     opts: SegmentOptions | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Segment every image INPUT names into OUTPUT; returns the summary (manifest + rate).
+    """Segment every image INPUT names that OUTPUT's table has no row for yet, and commit
+    their rows to it; returns the summary (the commit's record + rate).
 
     Starts Ray (``opts.ray_address``) unless it is initialised already, and only
-    once there is work to do. Raises OutputStateError when OUTPUT holds another
-    run's work (without ``overwrite``) or another run is writing it. Works from any
+    once there is work to do. Raises OutputStateError when OUTPUT holds rows of another
+    model or options (without ``overwrite``) or another run is writing it. Works from any
     thread: a stall raises StallError in the calling thread (monitor.py).
     """
     opts = opts or SegmentOptions()
@@ -79,16 +79,18 @@ def segment(
     listing = _listing_if_planning(out, inputs, opts)
     model, model_bytes = load_model(source, opts.model_options)
     spec = _new_spec(model, source, inputs, opts)
-    if not opts.overwrite and (summary := already_complete(out, spec, log)) is not None:
-        return summary
     lease = Lease(out, spec["run_id"])
     with leased(lease):
-        # Ray starts once: before a listing that fans out over Ray tasks, else here.
+        # Ray starts once: before work that fans out over Ray tasks, else here.
         start_ray = functools.cache(functools.partial(init_ray, opts.ray_address, log, "segment"))
-        run = open_run(out, inputs, spec, lease, opts, log, listing, start_ray)
-        start_ray()
-        job = functools.partial(PipelineJob.of, run, model.cfg, model_bytes)
-        summary = run.finish(run.execute(job), _versions())
+        run, state = open_run(out, inputs, spec, lease, opts, log, listing, start_ray)
+        if run.nothing_to_do():
+            summary = run.up_to_date(state)
+        else:
+            if run.plan.images:
+                start_ray()
+            job = functools.partial(PipelineJob.of, run, model.cfg, model_bytes)
+            summary = run.finish(run.execute(job), _versions())
     out.remove(RUN_DIR, recursive=True)
     return summary
 
@@ -106,7 +108,7 @@ class PipelineJob:
     class_names: list[str]
     mask_threshold: float
     model_id: str
-    output: tuple[str, dict[str, Any] | None]
+    output: tuple[str, dict[str, Any] | None, str]  # OUTPUT, its options, the parts folder
     attempt: str
     sources: Shared | None
     model: Shared
@@ -133,7 +135,7 @@ class PipelineJob:
             class_names=cfg.label_names,
             mask_threshold=cfg.mask_threshold,
             model_id=run.spec["model"],
-            output=(run.out.uri, run.out.options),
+            output=(run.out.uri, run.out.options, run.out.parts),
             attempt=run.lease.attempt,
             sources=None if run.sources is None else Shared(ray.put(run.sources)),
             model=Shared(ray.put(model_bytes)),
@@ -174,7 +176,7 @@ def build_dataset(job: PipelineJob) -> Any:
             write_parts,
             batch_size=job.plan.rows_per_shard,
             batch_format="pyarrow",
-            fn_kwargs={**where, "attempt": job.attempt},
+            fn_kwargs={**where, "attempt": job.attempt, "parts": job.output[2]},
             num_cpus=res.part_cpus,
         )
     )
@@ -234,12 +236,12 @@ def _listing_if_planning(
     out: OutputDir, inputs: Input, opts: SegmentOptions
 ) -> InputListing | None:
     """INPUT's listing, begun (InputListing.begin), when this run will plan anew: with
-    --overwrite, or when OUTPUT holds neither a finished run nor one to resume. None
-    otherwise: those runs list INPUT only when open_run needs it.
+    --overwrite, or when OUTPUT holds no unfinished run to resume. None otherwise: a
+    resumed run lists INPUT only when open_run needs it.
 
     Raises what list_inputs raises (FileNotFoundError, ValueError, OSError naming INPUT).
     """
-    if not opts.overwrite and (out.exists(MANIFEST_NAME) or out.exists(SPEC_NAME)):
+    if not opts.overwrite and out.exists(SPEC_NAME):
         return None
     return InputListing.begin(inputs)
 

@@ -215,7 +215,9 @@ class ShardTracker:
 
     def _start_assembly(self, shard: int) -> None:
         out, attempt = self.out, self.lease.attempt
-        ref = self._assemble.remote(out.uri, out.options, attempt, shard, self.plan.rows(shard))
+        ref = self._assemble.remote(
+            out.uri, out.options, attempt, shard, self.plan.rows(shard), out.parts
+        )
         self.assembling[ref] = shard
 
     def _collect(self, timeout: float) -> None:

@@ -2,12 +2,19 @@
 
 Layout (any fsspec URI)::
 
-    OUTPUT/_manifest.json          commit point, written last (pipeline/output/schema.py)
-    OUTPUT/part-<shard>.parquet    committed parts: the rows of one plan shard each
+    OUTPUT/_delta_log/             the table's log: the commit point (pipeline/output/table.py)
+    OUTPUT/run-<seq>/part-<shard>.parquet  the parts of run <seq>: one plan shard's rows each
+    OUTPUT/run-<seq>/kept-<hash>.parquet   a part of an earlier run less the rows the run
+                                   replaces or prunes (diff.py)
     OUTPUT/_run/run.json           the unfinished run's spec: model id, options, INPUT, plan size
     OUTPUT/_run/plan/shard-*.txt   its sorted, unique image keys in shards (plan.py)
+    OUTPUT/_run/listing/shard-*.txt  INPUT as listed, in shards, while it is compared with
+                                   the table (diff.py)
+    OUTPUT/_run/diff/              per range of the listing: the keys to segment, the keys to drop
     OUTPUT/_run/pieces/<shard>/    rows of a shard written in more than one batch, until joined
     OUTPUT/_run/lock.json          the lease of the run writing now (lease.py)
+    OUTPUT/_manifest.json, OUTPUT/part-<shard>.parquet  an OUTPUT of the folder format (before
+                                   the table): converted into a table by the next run
 
 The protocol that moves data between these names is in commit.py.
 """
@@ -30,15 +37,23 @@ RUN_DIR = "_run"
 SPEC_NAME = f"{RUN_DIR}/run.json"
 LOCK_NAME = f"{RUN_DIR}/lock.json"
 PLAN_DIR = f"{RUN_DIR}/plan"
+LISTING_DIR = f"{RUN_DIR}/listing"
+DIFF_DIR = f"{RUN_DIR}/diff"
 PIECES_DIR = f"{RUN_DIR}/pieces"
+RUN_PARTS_PREFIX = "run-"
 SHARD_PREFIX = "shard-"
 PART_PREFIX = "part-"
 _PART = re.compile(rf"^{PART_PREFIX}(\d+)\.parquet$")
 
 
-def shard_name(shard: int) -> str:
-    """The plan's file of shard ``shard``'s keys."""
-    return f"{PLAN_DIR}/{SHARD_PREFIX}{shard:06d}.txt"
+def shard_name(shard: int, folder: str = PLAN_DIR) -> str:
+    """The plan's file of shard ``shard``'s keys (a listing's, under ``folder``)."""
+    return f"{folder}/{SHARD_PREFIX}{shard:06d}.txt"
+
+
+def parts_dir(seq: int) -> str:
+    """The folder of run number ``seq``'s parts."""
+    return f"{RUN_PARTS_PREFIX}{seq:06d}"
 
 
 def part_name(shard: int) -> str:
@@ -71,6 +86,7 @@ class OutputDir:
 
     uri: str
     options: dict[str, Any] | None = None
+    parts: str = ""  # the folder of this run's parts (parts_dir); "": OUTPUT itself
 
     def __post_init__(self) -> None:
         self.fs, self.root = get_fs(self.uri, self.options)
@@ -120,11 +136,16 @@ class OutputDir:
             pass
 
     # --- parts -----------------------------------------------------------------------
+    def part(self, shard: int) -> str:
+        """Shard ``shard``'s part, relative to OUTPUT."""
+        return f"{self.parts}/{part_name(shard)}" if self.parts else part_name(shard)
+
     def part_names(self) -> list[str]:
-        """Names of the committed parts (``part-*.parquet`` directly under OUTPUT)."""
-        self.fs.invalidate_cache(self.root)  # s3fs caches listings; parts come and go
+        """Names of the parts written (``part-*.parquet`` directly in the parts folder)."""
+        folder = self.path(self.parts) if self.parts else self.root
+        self.fs.invalidate_cache(folder)  # s3fs caches listings; parts come and go
         try:
-            entries = retrying(self.fs.ls, self.root, False, what=f"listing {self.show()}")
+            entries = retrying(self.fs.ls, folder, False, what=f"listing {self.show(self.parts)}")
         except FileNotFoundError:
             return []
         names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
@@ -141,17 +162,15 @@ class OutputDir:
 
     def remove_temporaries(self) -> None:
         """Temp files of local writes a killed run left behind (never read: see put_bytes)."""
-        if self.local and os.path.isdir(self.root):
-            for name in os.listdir(self.root):
+        folder = self.path(self.parts) if self.parts else self.root
+        if self.local and os.path.isdir(folder):
+            for name in os.listdir(folder):
                 if ".tmp-" in name and name.startswith(PART_PREFIX):
-                    self.remove(name)
+                    self.remove(f"{self.parts}/{name}" if self.parts else name)
 
-    def clear(self) -> None:
-        """Remove what segment wrote (manifest first, so no reader sees a half-deleted set)."""
-        self.remove(MANIFEST_NAME)
-        for name in self.part_names():
-            self.remove(name)
+    def clear_run_state(self) -> None:
+        """Remove an unfinished run's state (--overwrite). Its parts stay until the table is
+        vacuumed: a run that committed them before it died may be in the log."""
         self.remove(SPEC_NAME)
-        self.remove(PLAN_DIR, recursive=True)
-        self.remove(PIECES_DIR, recursive=True)
-        self.remove_temporaries()
+        for folder in (PLAN_DIR, LISTING_DIR, DIFF_DIR, PIECES_DIR):
+            self.remove(folder, recursive=True)

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.segment.output import OutputDir, part_name, part_number, shard_name
+from pipeline.segment.output import PLAN_DIR, OutputDir, part_name, part_number, shard_name
 from pipeline.storage import redact, retrying
 
 WRITE_THREADS = 16  # shard files written at once while the listing goes on
@@ -89,14 +89,21 @@ def is_plain(uri: str) -> bool:
 
 
 def write_plan(
-    out: OutputDir, keys: Iterable[list[str]], rows_per_shard: int, *, check_plain: bool = True
+    out: OutputDir,
+    keys: Iterable[list[str]],
+    rows_per_shard: int,
+    *,
+    check_plain: bool = True,
+    folder: str = PLAN_DIR,
+    allow_empty: bool = False,
 ) -> Plan:
     """Stream sorted, unique ``keys`` (in chunks of any size) into shard files under
-    ``out``; returns the plan.
+    ``out``'s ``folder``; returns the plan.
 
     ``check_plain``: raise SecretsInInput at the first key that is not its own redacted
     form (the keys are URIs as listed). Raises ValueError when the keys are not strictly
-    increasing (a doubled URI, or shards that would overlap) and when there are none.
+    increasing (a doubled URI, or shards that would overlap) and, unless ``allow_empty``,
+    when there are none.
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
@@ -107,7 +114,7 @@ def write_plan(
 
         def flush(rows: list[str], index: int) -> None:
             data = ("\n".join(rows) + "\n").encode()
-            written.append(pool.submit(out.put_bytes, shard_name(index), data))
+            written.append(pool.submit(out.put_bytes, shard_name(index, folder), data))
             while len(written) > 2 * WRITE_THREADS:
                 written.popleft().result()
 
@@ -133,7 +140,7 @@ def write_plan(
             flush(buffer, shard)
         for future in written:
             future.result()
-    if images == 0:
+    if images == 0 and not allow_empty:
         raise ValueError("the plan holds no image")
     return Plan(images, rows_per_shard, digest.hexdigest())
 

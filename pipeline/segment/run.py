@@ -17,15 +17,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.cluster import launching, node_shapes, wait_interval
-from pipeline.segment.commit import finalize, spec_mismatches
+from pipeline.output.table import latest_record, load_table
+from pipeline.segment.commit import Diff, finalize, spec_mismatches
+from pipeline.segment.diff import RANGE_SHARDS, compare, new_keys
 from pipeline.segment.inputs.kinds import Input
 from pipeline.segment.inputs.listing import CHUNK, InputListing, list_inputs
 from pipeline.segment.lease import Lease
-from pipeline.segment.output import MANIFEST_NAME, PLAN_DIR, SPEC_NAME, OutputDir, OutputStateError
+from pipeline.segment.output import (
+    DIFF_DIR,
+    LISTING_DIR,
+    PLAN_DIR,
+    SPEC_NAME,
+    OutputDir,
+    OutputStateError,
+    parts_dir,
+)
 from pipeline.segment.plan import Plan, SecretsInInput, chunked, plan_digest, write_plan
 from pipeline.segment.resources import actor_plan
 from pipeline.segment.resources import check as check_plan
 from pipeline.segment.stages.write import ShardRecord
+from pipeline.segment.table_state import TableState, convert_folder
 from pipeline.storage import redact
 
 # Memory reserved per decode task: a worker with torch loaded (~0.5 GiB) plus a
@@ -51,7 +62,9 @@ class SegmentOptions:
     max_detections: int | None = None
     fast: bool = False
     tf32: bool = False  # TF32 for fp32 on CUDA (Ampere+); stages.model.set_tf32
-    overwrite: bool = False
+    overwrite: bool = False  # replace every row of the table, in one commit
+    prune: bool = False  # remove the rows of images gone from INPUT, in the run's commit
+    retry_errors: bool = False  # segment again the images whose row is an error
     rows_per_part: int = 500  # images per Parquet file: also what a killed run can lose
     resize_on_cpu: bool = True  # GPU actors still get uint8 where that is fewer bytes
     ray_address: str | None = None  # when Ray is not initialised yet; None: RAY_ADDRESS or local
@@ -148,17 +161,43 @@ class SegmentRun:
         return tracker.summary(time.monotonic() - started)
 
     def finish(self, processed: dict[str, Any], versions: dict[str, str]) -> dict[str, Any]:
-        """Write the manifest (commit.finalize) while the lease is still ours; the summary."""
+        """Commit the run to the table (commit.finalize) while the lease is still ours; the
+        summary."""
         self.lease.check(read=True)
         extra = {"versions": versions, **self.opts.extra_manifest}
-        manifest = finalize(self.out, self.spec, self.plan, extra)
+        record = finalize(self.out, self.spec, self.plan, extra)
         elapsed, rows = processed["seconds"], processed["rows"]
         rate = rows / elapsed if elapsed > 0 and rows else 0.0
+        if record.get("found"):
+            self.log(
+                f"segment: run {record['run_id']} was committed before its driver stopped "
+                f"(version {record['version']}); not committing it again"
+            )
+        else:
+            changes = record["changes"]
+            self.log(
+                f"segment: {self.out.show()} version {record['version']}: "
+                f"{changes['added']} images added, {changes['replaced']} replaced, "
+                f"{changes['removed']} removed; the table: {counts_text(record['counts'])}; "
+                f"this run {rows} images in {elapsed:.1f}s ({rate:.2f} images/s)"
+            )
+        return {**record, "already_complete": False, "images_per_s": rate, "this_run": processed}
+
+    def nothing_to_do(self) -> bool:
+        """True when the run would commit nothing: no image to segment, no row to change."""
+        diff = Diff.from_spec(self.spec)
+        return self.plan.images == 0 and not diff.replaces and not self.spec.get("overwrite")
+
+    def up_to_date(self, state: TableState) -> dict[str, Any]:
+        """The summary of a run with :meth:`nothing_to_do`; says so in one line."""
+        gone = Diff.from_spec(self.spec).gone
+        note = f"; {gone} of its images are gone from INPUT (--prune removes them)" if gone else ""
         self.log(
-            f"segment: {counts_text(manifest['counts'])}; this run {rows} images "
-            f"in {elapsed:.1f}s ({rate:.2f} images/s) -> {self.out.show(MANIFEST_NAME)}"
+            f"segment: {self.out.show()} is up to date ({counts_text(state.counts.as_images())})"
+            f"{note}; no new image in INPUT, nothing to do"
         )
-        return {**manifest, "already_complete": False, "images_per_s": rate, "this_run": processed}
+        record = latest_record(load_table(self.out.uri, self.out.options)) or {}
+        return {**record, "already_complete": True, "images_per_s": None, "gone": gone}
 
     def resources(self, pending: int) -> Resources:
         """Each stage's resources for ``pending`` images, from the options and each node's
@@ -175,30 +214,6 @@ class SegmentRun:
         cpus_total = max(1, int(sum(s.cpus for s in shapes)))
         per_block = max(1, min(self.plan.rows_per_shard, math.ceil(pending / (4 * cpus_total))))
         return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
-
-
-def already_complete(
-    out: OutputDir, spec: dict[str, Any], log: Callable[[str], None]
-) -> dict[str, Any] | None:
-    """The summary when OUTPUT holds this run finished; None when it holds no manifest.
-
-    Raises OutputStateError when the finished run there is another one.
-    """
-    manifest = out.read_json(MANIFEST_NAME)
-    if manifest is None:
-        return None
-    _refuse_another(
-        out,
-        manifest,
-        spec,
-        "already holds a finished run",
-        "choose another OUTPUT or pass --overwrite",
-    )
-    log(
-        f"segment: {out.show()} is complete ({counts_text(manifest['counts'])}); "
-        "nothing to do (--overwrite to redo it)"
-    )
-    return {**manifest, "already_complete": True, "images_per_s": None}
 
 
 @contextmanager
@@ -221,23 +236,79 @@ def open_run(
     log: Callable[[str], None],
     listing: InputListing | None,
     start_ray: Callable[[], Any],
-) -> SegmentRun:
-    """Under ``lease``: clear OUTPUT (--overwrite), then resume the unfinished run there
-    or plan anew; the run, ready.
+) -> tuple[SegmentRun, TableState]:
+    """Under ``lease``: resume the unfinished run in OUTPUT (unless --overwrite), or plan
+    anew: every image of INPUT into an empty table (or, with --overwrite, in place of its
+    rows), else the images the table has no row for (diff.py). The run, ready, and OUTPUT's
+    state before it.
 
     ``listing``: INPUT's listing when begun already, else begun here when needed;
-    ``start_ray`` is called before a listing that fans out over Ray tasks.
+    ``start_ray`` is called before work that fans out over Ray tasks.
     """
+    state = TableState.read(out)
     if opts.overwrite:
-        out.clear()
+        out.clear_run_state()
     old = out.read_json(SPEC_NAME)
     if old is not None:
         spec, plan, sources = _resume(out, source, spec, old, log)
+        return SegmentRun(_parts_of(out, spec), spec, plan, sources, lease, opts, log), state
+    if not opts.overwrite:
+        state.refuse_another(out, spec)
+    if state.folder is not None:
+        state = convert_folder(out, state, log)
+    seq = max(state.seq, 0) + 1
+    out = OutputDir(out.uri, out.options, parts_dir(seq))
+    out.remove(out.parts, recursive=True)  # an abandoned attempt's: the log holds not one
+    listing = listing or InputListing.begin(source)
+    spec = {
+        **spec,
+        "seq": seq,
+        "parts": out.parts,
+        "base_version": state.version,
+        "base_counts": state.counts.as_images(),
+        "overwrite": bool(opts.overwrite and state.rows),
+    }
+    if state.rows and not opts.overwrite:
+        plan, sources, extra = _plan_increment(out, source, opts, listing, state, start_ray, log)
     else:
-        plan, sources = _plan(out, source, opts, listing or InputListing.begin(source), start_ray)
-        spec = {**spec, **plan.to_spec(), "sources_redacted": sources is not None}
-        out.put_json(SPEC_NAME, spec)  # after the plan: a spec always has its plan
-    return SegmentRun(out, spec, plan, sources, lease, opts, log)
+        plan, sources = _plan(out, source, opts, listing, start_ray)
+        extra = {}
+    spec = {**spec, **plan.to_spec(), **extra, "sources_redacted": sources is not None}
+    out.put_json(SPEC_NAME, spec)  # after the plan: a spec always has its plan
+    return SegmentRun(out, spec, plan, sources, lease, opts, log), state
+
+
+def _parts_of(out: OutputDir, spec: dict[str, Any]) -> OutputDir:
+    return OutputDir(out.uri, out.options, spec["parts"])
+
+
+def _plan_increment(
+    out: OutputDir,
+    source: Input,
+    opts: SegmentOptions,
+    listing: InputListing,
+    state: TableState,
+    start_ray: Callable[[], Any],
+    log: Callable[[str], None],
+) -> tuple[Plan, dict[str, str] | None, dict[str, Any]]:
+    """(plan, sources, spec fields) of a run on a table with rows: INPUT listed under
+    LISTING_DIR, compared with the table (diff.compare), the keys to segment planned."""
+    listed, sources = _plan(out, source, opts, listing, start_ray, LISTING_DIR)
+    assert state.version is not None
+    diff = compare(out, listed, state.version, (opts.prune, opts.retry_errors), start_ray)
+    ranges = -(-listed.shards // RANGE_SHARDS)
+    plan = write_plan(
+        out, new_keys(out, ranges), opts.rows_per_part, check_plain=False, allow_empty=True
+    )
+    for folder in (LISTING_DIR, DIFF_DIR):
+        out.remove(folder, recursive=True)
+    log(
+        f"segment: INPUT lists {listed.images} images: {diff.new} new"
+        + (f", {diff.retry} with errors to retry" if opts.retry_errors else "")
+        + f"; {diff.gone} of the table's images are gone from INPUT"
+        + (" (pruned)" if opts.prune and diff.gone else "")
+    )
+    return plan, sources, {"diff": diff.to_spec(), "listing_digest": listed.digest}
 
 
 def _resume(
@@ -256,7 +327,7 @@ def _resume(
         "re-run that command to finish it, or pass --overwrite",
     )
     plan = Plan.from_spec(old)
-    if plan is None:
+    if plan is None or "seq" not in old:
         raise OutputStateError(
             f"OUTPUT {out.show()} holds an unfinished run of an earlier version of "
             "maskrcnn, whose state this one does not read; pass --overwrite to redo it"
@@ -264,7 +335,7 @@ def _resume(
     sources = None
     if old.get("sources_redacted"):
         sources = keyed_sources(list_inputs(source))
-        if plan_digest(chunked(sorted(sources), CHUNK)) != plan.digest:
+        if plan_digest(chunked(sorted(sources), CHUNK)) != old.get("listing_digest", plan.digest):
             raise OutputStateError(
                 f"INPUT {source.show()} now lists other images than when the run "
                 f"in {out.show()} started; restore it, or pass --overwrite"
@@ -279,27 +350,25 @@ def _plan(
     opts: SegmentOptions,
     listing: InputListing,
     start_ray: Callable[[], Any],
+    folder: str = PLAN_DIR,
 ) -> tuple[Plan, dict[str, str] | None]:
-    """(plan, sources) of a new run: INPUT listed into shard files under OUTPUT."""
-    if out.part_names():
-        raise OutputStateError(
-            f"OUTPUT {out.show()} holds part files but no run state; pass --overwrite "
-            "to replace them"
-        )
-    out.remove(PLAN_DIR, recursive=True)  # shards of a start killed while planning
+    """(plan, sources) of a new run: INPUT listed into shard files under OUTPUT's
+    ``folder``."""
+    for stale in (PLAN_DIR, LISTING_DIR, DIFF_DIR):
+        out.remove(stale, recursive=True)  # of a start killed while planning
     if listing.fans_out:
         start_ray()
     rows = opts.rows_per_part
     try:
         try:
-            return write_plan(out, listing.chunks(), rows), None
+            return write_plan(out, listing.chunks(), rows, folder=folder), None
         except SecretsInInput:  # keys differ from URIs: sorted by key, in memory
             sources = keyed_sources(list_inputs(source))
-            out.remove(PLAN_DIR, recursive=True)
+            out.remove(folder, recursive=True)
             keys = chunked(sorted(sources), CHUNK)
-            return write_plan(out, keys, rows, check_plain=False), sources
+            return write_plan(out, keys, rows, check_plain=False, folder=folder), sources
     except BaseException:
-        out.remove(PLAN_DIR, recursive=True)
+        out.remove(folder, recursive=True)
         raise
 
 

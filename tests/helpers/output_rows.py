@@ -43,6 +43,7 @@ SPEC = {
     "input": "/in",
     "options": {"score_threshold": None, "max_detections": None, "fast": False},
     "started": "2026-01-01T00:00:00+00:00",
+    "seq": 1,
 }
 
 

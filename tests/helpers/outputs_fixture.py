@@ -176,7 +176,7 @@ def write_table_output(
     record = _run_record(run_id, model, class_names, before, rows, gone)
     removed = [DataFile(name, fs.size(join(base, name)), "", 0) for name in removes]
     version = load_table(output, options).version() + 1 if has_table(output, options) else 0
-    commit_files(output, options, adds, removed, record, seq)
+    commit_files(output, options, adds, removed, record, seq, SCHEMA)
     return version
 
 

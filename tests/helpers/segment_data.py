@@ -124,7 +124,43 @@ def read_back(output: str, storage: dict | None = None):
     table = pa.concat_tables(tables)
     counts = manifest["counts"]
     assert counts["images"] == counts["ok"] + counts["error"] == table.num_rows
+    if "version" in manifest:  # a Delta table: deltalake and Polars read the same rows
+        assert_engines_agree(output, storage, table)
     return table, manifest
+
+
+def assert_engines_agree(output: str, storage: dict | None, table) -> None:
+    """deltalake and Polars read the table at OUTPUT as exactly ``table``'s rows."""
+    import polars as pl
+    from deltalake import DeltaTable
+
+    from pipeline.output.table import delta_storage_options
+
+    options = delta_storage_options(output, storage)
+    by_uri = [("uri", "ascending")]
+    ours = table.sort_by(by_uri)
+    delta = DeltaTable(output, storage_options=options).to_pyarrow_table().sort_by(by_uri)
+    assert delta.cast(ours.schema).equals(ours)
+    frame = pl.read_delta(output, storage_options=options).sort("uri")
+    assert frame["uri"].to_list() == ours.column("uri").to_pylist()
+    assert frame["instances"].list.len().sum() == sum(
+        map(len, ours.column("instances").to_pylist())
+    )
+
+
+def assert_only_committed(output: str, storage: dict | None = None) -> None:
+    """OUTPUT holds its log and the files the log commits, nothing else (no piece, no
+    state of a run, no temporary file)."""
+    fs = (
+        fsspec.filesystem("s3", **storage)
+        if output.startswith("s3://")
+        else fsspec.filesystem("file")
+    )
+    fs.invalidate_cache()
+    root = output.split("://", 1)[-1].rstrip("/")
+    stored = {p[len(root) + 1 :] for p in fs.find(root)}
+    stored = {p for p in stored if not p.startswith("_delta_log/")}
+    assert stored == set(read_manifest(output, storage)["files"])
 
 
 def duckdb_counts(files: list[str], storage: dict | None = None) -> tuple[int, int, int, int]:

@@ -1,18 +1,19 @@
-"""pipeline/segment/commit.py: the manifest lists exactly the plan's parts, or nothing is
-committed; OUTPUT on S3 (output.py) writes atomically and clears."""
+"""pipeline/segment/commit.py: the table commits exactly the plan's parts, or nothing is
+committed; OUTPUT on S3 (output.py) writes atomically and clears a run's state."""
 
 from __future__ import annotations
 
 import pytest
 from helpers.output_rows import SPEC, planned, rows, shard_batch, take_lock, write_batch
 
-from pipeline.output.schema import MANIFEST_NAME, read_manifest
+from pipeline.output.schema import read_manifest
+from pipeline.output.table import APP_ID, has_table, load_table
 from pipeline.segment.commit import encode_part, finalize
 from pipeline.segment.output import PLAN_DIR, SPEC_NAME, OutputDir, shard_name
 from pipeline.segment.plan import read_shard
 
 
-def test_finalize_writes_manifest_of_exactly_the_parts(tmp_path):
+def test_finalize_commits_exactly_the_parts(tmp_path):
     out = OutputDir(str(tmp_path / "out"))
     uris = [f"/in/{i}.png" for i in range(5)]
     plan = planned(out, uris, 2)
@@ -21,10 +22,16 @@ def test_finalize_writes_manifest_of_exactly_the_parts(tmp_path):
         chunk = uris[2 * shard : 2 * shard + 2]
         write_batch(out, shard_batch(chunk, shard, len(chunk), errors={"/in/4.png"}))
     manifest = finalize(out, SPEC, plan, {"versions": {}})
-    assert read_manifest(str(tmp_path / "out")) == manifest
-    assert manifest["files"] == out.part_names() and len(manifest["files"]) == 3
+    read = read_manifest(str(tmp_path / "out"))
+    record = {k: v for k, v in manifest.items() if k not in ("files", "version")}
+    assert {k: read[k] for k in record} == record
+    assert sorted(read["files"]) == manifest["files"] == out.part_names()
+    assert len(manifest["files"]) == 3
     assert manifest["counts"] == {"images": 5, "ok": 4, "error": 1, "instances": 8}
-    assert not out.exists(SPEC_NAME)
+    assert load_table(out.uri).transaction_version(APP_ID) == SPEC["seq"]
+    again = finalize(out, SPEC, plan, {"versions": {}})  # a re-run after the commit
+    assert again["found"] and again["version"] == manifest["version"]
+    assert load_table(out.uri).version() == read["version"]  # no second commit
 
 
 @pytest.mark.parametrize(
@@ -54,10 +61,10 @@ def test_finalize_refuses_a_missing_foreign_or_short_part(tmp_path, extra, match
         out.put_bytes(name, data)
     with pytest.raises(RuntimeError, match=match):
         finalize(out, SPEC, plan, {})
-    assert not out.exists(MANIFEST_NAME) and out.exists(SPEC_NAME)
+    assert not has_table(out.uri) and out.exists(SPEC_NAME)
 
 
-def test_s3_output_atomic_writes_and_clear(s3_server, s3_bucket):
+def test_s3_output_atomic_writes_commit_and_clear(s3_server, s3_bucket):
     out = OutputDir(f"s3://{s3_bucket}/out", s3_server["storage_options"])
     uris = ["s3://b/in/0.png", "s3://b/in/1.png", "s3://b/in/2.png"]
     plan = planned(out, uris, 2)
@@ -66,10 +73,10 @@ def test_s3_output_atomic_writes_and_clear(s3_server, s3_bucket):
     write_batch(out, shard_batch(uris[2:], 1, 1))
     assert read_shard(out.fs, out.path(shard_name(1))) == uris[2:]
     finalize(out, SPEC, plan, {})
-    assert out.exists(MANIFEST_NAME) and out.part_names() == [
+    assert sorted(read_manifest(out.uri, out.options)["files"]) == out.part_names() == [
         "part-000000.parquet",
         "part-000001.parquet",
     ]
-    out.clear()
-    assert not out.exists(MANIFEST_NAME) and out.part_names() == []
-    assert not out.fs.exists(out.path(PLAN_DIR))
+    out.clear_run_state()
+    assert not out.exists(SPEC_NAME) and not out.fs.exists(out.path(PLAN_DIR))
+    assert read_manifest(out.uri, out.options)["counts"]["images"] == 3  # committed stays

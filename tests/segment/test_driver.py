@@ -23,6 +23,7 @@ from helpers.segment_data import (
     EXPECTED_ERRORS,
     EXPECTED_SIZES,
     assert_exactly_once,
+    assert_only_committed,
     duckdb_counts,
     make_images,
     opts,
@@ -35,7 +36,8 @@ from helpers.wait import wait_until
 
 from pipeline.formats.decode import decode_image
 from pipeline.formats.rle import decode_masks
-from pipeline.output.schema import MANIFEST_NAME, committed_files, read_manifest
+from pipeline.output.schema import committed_files, read_manifest
+from pipeline.output.table import LOG_DIR
 from pipeline.segment.driver import segment
 from pipeline.segment.model_source import ModelSource
 
@@ -94,7 +96,7 @@ def test_local_dir_to_local_output_rows_and_masks_equal_predict(ray_local, tmp_p
         len(EXPECTED_ERRORS),
         manifest["counts"]["instances"],
     )
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
+    assert_only_committed(out)
     from maskrcnn.checkpoint import model_id
 
     assert manifest["model"] == summary["model"] == model_id(model)
@@ -143,10 +145,7 @@ def test_s3_input_to_s3_output_batched(ray_local, s3_server, s3_bucket, models):
     files = committed_files(out, storage)
     assert len(files) == 3
     assert duckdb_counts(files, storage)[:3] == (8, 8, 1)
-    fs.invalidate_cache()
-    assert fs.ls(out, detail=False) == sorted(
-        f"{s3_bucket}/out/{n}" for n in [MANIFEST_NAME, *manifest["files"]]
-    )
+    assert_only_committed(out, storage)
 
 
 def test_complete_output_kept_other_model_refused_overwrite_replaces(
@@ -160,8 +159,8 @@ def test_complete_output_kept_other_model_refused_overwrite_replaces(
     first = segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path_a), opts(**run))
     again = segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path_a), opts(**run))
     assert again["already_complete"] and again["run_id"] == first["run_id"]
-    assert "is complete" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"finished run with another model: .*--overwrite"):
+    assert "is up to date" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"rows made with another model: .*--overwrite"):
         segment(str(tmp_path / "in"), out, ModelSource(checkpoint=path_b), opts(**run))
     with pytest.raises(ValueError, match=r"score_threshold: 0.0 \(now 0.5\)"):
         segment(
@@ -181,10 +180,9 @@ def test_complete_output_kept_other_model_refused_overwrite_replaces(
 
     assert manifest["run_id"] == replaced["run_id"] != first["run_id"]
     assert set(table.column("model").to_pylist()) == {model_id(model_b)}
-    fs = fsspec.filesystem("s3", **storage)
-    fs.invalidate_cache()
-    parts = sorted(p.rsplit("/", 1)[1] for p in fs.ls(out, detail=False) if "part-" in p)
-    assert parts == sorted(manifest["files"])  # the first run's parts are gone
+    before = read_manifest(out, storage, version=first["version"])
+    assert before["run_id"] == first["run_id"]  # the version before reads as it was
+    assert not set(before["files"]) & set(manifest["files"])  # no part of it is the latest's
 
 
 def test_signed_urls_are_read_but_never_stored_or_logged(
@@ -204,7 +202,7 @@ def test_signed_urls_are_read_but_never_stored_or_logged(
     assert rows[f"{base}/missing.jpg"]["error"].startswith("read: ")
     assert sum(r["status"] == "ok" for r in rows.values()) == 3
     for path in out.rglob("*"):
-        assert b"SECRET" not in path.read_bytes(), path
+        assert path.is_dir() or b"SECRET" not in path.read_bytes(), path
     captured = capsys.readouterr()
     assert "SECRET" not in captured.out + captured.err
 
@@ -242,7 +240,7 @@ def test_model_actor_killed_mid_run_still_exactly_once(
     thread.start()
 
     def a_model_actor_at_work() -> tuple | None:
-        parts = list(out.glob("part-*.parquet")) if out.exists() else []
+        parts = list(out.glob("run-*/part-*.parquet")) if out.exists() else []
         alive = {
             k: v
             for k, v in _gcs_actors("MapWorker").items()
@@ -303,17 +301,17 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models, ray_ad
             ValueError, match=f"being written by another segment run .*pid {first.pid}"
         ):
             segment(str(tmp_path / "in"), str(out), ModelSource(checkpoint=models["a"][0]), same)
-        two_parts = lambda: len(list(out.glob("part-*.parquet"))) >= 2  # noqa: E731
+        two_parts = lambda: len(list(out.glob("run-*/part-*.parquet"))) >= 2  # noqa: E731
         wait_until(two_parts, "two parts of the first run", 180, 0.02, first_ended)
         os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-run
         first.wait()
     finally:
         kill_group(first)
-    committed = sorted(p.name for p in out.glob("part-*.parquet"))
+    committed = sorted(str(p.relative_to(out)) for p in out.glob("run-*/part-*.parquet"))
     committed_uris = [
         u for p in committed for u in pq.read_table(out / p).column("uri").to_pylist()
     ]
-    assert not (out / MANIFEST_NAME).exists() and 2 <= len(committed)
+    assert not (out / LOG_DIR).exists() and 2 <= len(committed)
     assert 0 < len(committed_uris) < 24 and len(set(committed_uris)) == len(committed_uris)
     with pytest.raises(FileNotFoundError, match="did not finish"):
         read_manifest(str(out))
@@ -339,7 +337,7 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(tmp_path, models, ray_ad
     table, manifest = read_back(str(out))
     assert_exactly_once(table, uris)
     assert set(committed) <= set(manifest["files"])  # parts from before the kill were kept
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
+    assert_only_committed(str(out))
 
     # The resumed rows are a clean run's: each is exactly its image's predict() alone
     # (what a clean run's rows are, test_local_dir_...), though the images (64..128 px,

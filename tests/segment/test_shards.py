@@ -19,6 +19,7 @@ from helpers.inventory_report import csv_gz, manifest
 from helpers.proc import kill_group, maskrcnn_process
 from helpers.segment_data import (
     assert_exactly_once,
+    assert_only_committed,
     make_images,
     opts,
     read_back,
@@ -27,7 +28,7 @@ from helpers.segment_data import (
     write_s3,
 )
 
-from pipeline.output.schema import MANIFEST_NAME
+from pipeline.output.table import LOG_DIR
 from pipeline.segment.driver import segment
 from pipeline.segment.model_source import ModelSource
 from pipeline.segment.stages.write import FAULT_ENV
@@ -83,8 +84,8 @@ def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identic
     adopted, digest = _marker(tmp_path / "killed")
     assert hashlib.sha256(adopted.read_bytes()).hexdigest() == digest
     before = os.stat(adopted)
-    assert not (out / MANIFEST_NAME).exists()
-    committed = {p: pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")}
+    assert not (out / LOG_DIR).exists()
+    committed = {p: pq.read_metadata(p).num_rows for p in out.glob("run-*/part-*.parquet")}
     assert adopted in committed
 
     # 2. The same command again. It adopts every part there, that one included, and
@@ -102,8 +103,8 @@ def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identic
     assert hashlib.sha256(rewritten.read_bytes()).hexdigest() == digest
     table, manifest_ = read_back(str(out))
     assert_exactly_once(table, uris)
-    assert manifest_["files"] == [f"part-{i:06d}.parquet" for i in range(4)]
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest_["files"]])
+    assert sorted(manifest_["files"]) == [f"run-000001/part-{i:06d}.parquet" for i in range(4)]
+    assert_only_committed(str(out))
 
 
 def test_s3_inventory_manifest_as_input(ray_local, s3_server, s3_bucket, model_path):

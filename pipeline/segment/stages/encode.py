@@ -105,7 +105,10 @@ def _instances_array(per_row: list[tuple | None], class_names: list[str]) -> pa.
             pa.array(labels.astype(np.int32), pa.int32()),
             pa.array(label_names.tolist(), pa.string()),
             pa.array(cat(1, np.float32), pa.float32()),
-            pa.FixedSizeListArray.from_arrays(pa.array(boxes, pa.float32()), 4),
+            pa.ListArray.from_arrays(
+                pa.array(np.arange(0, len(boxes) + 1, 4, dtype=np.int32)),
+                pa.array(boxes, pa.float32()),
+            ),
             pa.array(rle, pa.string()),
             pa.array(cat(4, np.int64), pa.int64()),
         ],

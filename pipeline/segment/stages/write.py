@@ -3,7 +3,7 @@
 Every row carries its shard's number and size (CARRIED, stages/rows.py) through decode,
 model and encode; :func:`write_parts` writes, for each shard in its batch:
 
-* the part ``part-<shard>.parquet`` itself, when the batch holds every row of the shard;
+* the part ``run-<seq>/part-<shard>.parquet`` itself, when the batch holds every row of the shard;
 * else a *piece*, ``_run/pieces/<shard>/piece-<hash of its URIs>.parquet``, and when the
   driver has counted all the shard's rows in (from the small records this stage returns),
   :func:`assemble_part`, a Ray task, joins the shard's pieces into its part and deletes
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.segment.commit import Counts, canonical_rows, parquet_part
 from pipeline.segment.lease import taken_over
-from pipeline.segment.output import LOCK_NAME, OutputDir, part_name, piece_dir
+from pipeline.segment.output import LOCK_NAME, OutputDir, piece_dir
 from pipeline.storage import retrying
 
 FAULT_ENV = "MASKRCNN_FAULT_AFTER_PART"  # tests only: see _fault_after_part
@@ -81,10 +81,16 @@ def lease_lost(out: OutputDir, attempt: str) -> str | None:
 
 
 def write_parts(
-    batch: pa.Table, *, output_uri: str, output_options: dict[str, Any] | None, attempt: str
+    batch: pa.Table,
+    *,
+    output_uri: str,
+    output_options: dict[str, Any] | None,
+    attempt: str,
+    parts: str = "",
 ) -> pa.Table:
-    """Rows in SCHEMA + CARRIED -> written parts or pieces; one RECORD per shard in ``batch``."""
-    out = OutputDir(output_uri, output_options)
+    """Rows in SCHEMA + CARRIED -> written parts (in the folder ``parts``) or pieces; one
+    RECORD per shard in ``batch``."""
+    out = OutputDir(output_uri, output_options, parts)
     shards = batch.column("shard").to_numpy()
     records = []
     lost = lease_lost(out, attempt)
@@ -95,7 +101,7 @@ def write_parts(
         data, counts = parquet_part(rows)
         if lost is None:
             if whole:
-                name = part_name(shard)
+                name = out.part(shard)
             else:
                 digest = hashlib.sha256("\n".join(rows.column("uri").to_pylist()).encode())
                 name = f"{piece_dir(shard)}/piece-{digest.hexdigest()[:20]}.parquet"
@@ -107,11 +113,16 @@ def write_parts(
 
 
 def assemble_part(
-    output_uri: str, output_options: dict[str, Any] | None, attempt: str, shard: int, size: int
+    output_uri: str,
+    output_options: dict[str, Any] | None,
+    attempt: str,
+    shard: int,
+    size: int,
+    parts: str = "",
 ) -> ShardRecord:
     """Join shard ``shard``'s pieces into its part and delete them. The record says
     ``missing`` rows (no piece holds them: then nothing is written) or ``lost``."""
-    out = OutputDir(output_uri, output_options)
+    out = OutputDir(output_uri, output_options, parts)
     lost = lease_lost(out, attempt)
     if lost is not None:
         return ShardRecord(shard, Counts(), whole=False, lost=lost)
@@ -120,8 +131,8 @@ def assemble_part(
     if have != size:
         return ShardRecord(shard, Counts(), whole=False, missing=size - have)
     data, counts = parquet_part(rows)
-    out.put_bytes(part_name(shard), data)
-    _fault_after_part(out, part_name(shard), data)
+    out.put_bytes(out.part(shard), data)
+    _fault_after_part(out, out.part(shard), data)
     out.remove(piece_dir(shard), recursive=True)
     return ShardRecord(shard, counts, whole=True)
 
