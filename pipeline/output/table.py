@@ -189,13 +189,24 @@ def commit_record(commit: dict[str, Any]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def numbered_history(table: Any, limit: int | None = None) -> list[dict[str, Any]]:
+    """The log's commit infos, newest first, each with its ``version``. delta-rs lists the
+    log's newest commits even for a table loaded at an older version, but numbers them
+    from the loaded one (DeltaTable.history); here they are numbered from the log's newest.
+    """
+    _, commits = table._table.history(limit)
+    newest = table._table.get_latest_version()
+    return [{**json.loads(c), "version": newest - i} for i, c in enumerate(commits)]
+
+
 def latest_record(table: Any, search: int = 100) -> dict[str, Any] | None:
     """The record of the newest segment commit at or before the table's loaded version,
-    looking back at most ``search`` commits; None when none is ours."""
-    newest = table.version()
-    for commit in table.history(limit=None if search is None else search + 1):
-        if commit.get("version", newest) > newest:
-            continue  # history lists the log's newest commits; the table may be older
+    looking back at most ``search`` commits before it; None when none is ours."""
+    loaded = table.version()
+    skip = table._table.get_latest_version() - loaded
+    for commit in numbered_history(table, skip + search + 1):
+        if commit["version"] > loaded:
+            continue
         record = commit_record(commit)
         if record is not None:
             return record

@@ -86,19 +86,23 @@ def compare(
     run = _runner(listing.shards > LOCAL_SHARDS, start_ray)
     results = run(compare_range, [(job, g) for g in range(ranges)])
     files = sorted({path for result in results for path in result["files"]})
-    replaces = run(rewrite_file, [(job, path) for path in files])
+    replaces = tuple(run(rewrite_file, [(job, path) for path in files]))
     total = {k: sum(r[k] for r in results) for k in ("new", "retry", "gone")}
     return Diff(
         total["new"], total["retry"], total["gone"], total["gone"] if opts[0] else 0, replaces
     )
 
 
-def new_keys(out: OutputDir, ranges: int) -> Iterator[list[str]]:
+def new_keys(out: OutputDir) -> Iterator[list[str]]:
     """The keys to segment, range by range: sorted and unique over all ranges."""
-    for g in range(ranges):
-        name = f"{DIFF_DIR}/new-{g:06d}.txt"
-        if out.exists(name):
-            yield read_shard(out.fs, out.path(name))
+    folder = out.path(DIFF_DIR)
+    out.fs.invalidate_cache(folder)
+    try:
+        names = retrying(out.fs.ls, folder, False, what=f"listing {out.show(DIFF_DIR)}")
+    except FileNotFoundError:
+        return
+    for path in sorted(n for n in names if n.rsplit("/", 1)[-1].startswith("new-")):
+        yield read_shard(out.fs, path)
 
 
 def compare_range(job: DiffJob, index: int) -> dict[str, Any]:

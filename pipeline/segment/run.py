@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.cluster import launching, node_shapes, wait_interval
 from pipeline.output.table import latest_record, load_table
 from pipeline.segment.commit import Diff, finalize, spec_mismatches
-from pipeline.segment.diff import RANGE_SHARDS, compare, new_keys
+from pipeline.segment.diff import compare, new_keys
 from pipeline.segment.inputs.kinds import Input
 from pipeline.segment.inputs.listing import CHUNK, InputListing, list_inputs
 from pipeline.segment.lease import Lease
@@ -296,10 +296,7 @@ def _plan_increment(
     listed, sources = _plan(out, source, opts, listing, start_ray, LISTING_DIR)
     assert state.version is not None
     diff = compare(out, listed, state.version, (opts.prune, opts.retry_errors), start_ray)
-    ranges = -(-listed.shards // RANGE_SHARDS)
-    plan = write_plan(
-        out, new_keys(out, ranges), opts.rows_per_part, check_plain=False, allow_empty=True
-    )
+    plan = write_plan(out, new_keys(out), opts.rows_per_part, check_plain=False, allow_empty=True)
     for folder in (LISTING_DIR, DIFF_DIR):
         out.remove(folder, recursive=True)
     log(

@@ -37,7 +37,7 @@ from helpers.wait import wait_until
 from pipeline.formats.decode import decode_image
 from pipeline.formats.rle import decode_masks
 from pipeline.output.schema import committed_files, read_manifest
-from pipeline.output.table import LOG_DIR
+from pipeline.output.table import LOG_DIR, load_table
 from pipeline.segment.driver import segment
 from pipeline.segment.model_source import ModelSource
 
@@ -377,3 +377,50 @@ def test_cli_errors_are_one_line(tmp_path, models, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
+
+
+def test_grown_input_appends_only_new_images_once_then_prunes_and_retries(
+    ray_local, tmp_path, models, capsys
+):
+    root, out = tmp_path / "in", str(tmp_path / "out")
+    source = ModelSource(checkpoint=models["a"][0])
+    images = make_images(6, seed=11, odd=False)
+    names = sorted(images)
+    first = {n: images[n] for n in names[:3]} | {"broken.jpg": b"\xff\xd8\xff not a jpeg"}
+    write_local(root, first)
+    one = segment(str(root), out, source, opts(rows_per_part=1))
+    assert one["changes"] == {"added": 4, "replaced": 0, "removed": 0, "errors": 1}
+    rows_one = {r["uri"]: r for r in read_back(out)[0].to_pylist()}
+
+    # INPUT grows: only the new images are segmented, appended in one commit. The listing
+    # has more shards than diff.LOCAL_SHARDS: it is compared in Ray tasks.
+    write_local(root, {f"more-{i}-{n}": images[n] for i in range(2) for n in names[3:]})
+    two = segment(str(root), out, source, opts(rows_per_part=1))
+    assert two["changes"] == {"added": 6, "replaced": 0, "removed": 0, "errors": 0}
+    assert two["this_run"]["rows"] == 6 and two["counts"]["images"] == 10
+    table, manifest = read_back(out)
+    assert_exactly_once(table, [str(p) for p in root.rglob("*") if p.is_file()])
+    assert all(r == rows_one[r["uri"]] for r in table.to_pylist() if r["uri"] in rows_one)
+    assert "INPUT lists 10 images: 6 new" in capsys.readouterr().err
+
+    # Nothing new: no commit, one line.
+    version = load_table(out).version()
+    three = segment(str(root), out, source, opts(rows_per_part=1))
+    assert three["already_complete"] and load_table(out).version() == version
+    assert "nothing to do" in capsys.readouterr().err
+
+    # The broken file is uploaded again whole and two images are deleted: --retry-errors
+    # replaces its row and --prune removes theirs, in one commit.
+    (root / "broken.jpg").write_bytes(images[names[0]])
+    gone = [root / names[1], root / f"more-0-{names[3]}"]
+    for path in gone:
+        path.unlink()
+    four = segment(str(root), out, source, opts(rows_per_part=1, prune=True, retry_errors=True))
+    assert four["changes"] == {"added": 0, "replaced": 1, "removed": 2, "errors": 0}
+    assert four["counts"] == {**four["counts"], "images": 8, "error": 0}
+    table, _ = read_back(out)
+    assert_exactly_once(table, [str(p) for p in root.rglob("*") if p.is_file()])
+    assert {r["uri"]: r["status"] for r in table.to_pylist()}[str(root / "broken.jpg")] == "ok"
+    # The versions before read as they were (time travel), until the table is vacuumed.
+    earlier = read_manifest(out, version=two["version"])
+    assert earlier["counts"]["images"] == 10 and earlier["run_id"] == two["run_id"]
