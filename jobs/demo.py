@@ -135,10 +135,13 @@ def _segment_must_overwrite(out: Path, model: str, fresh_remade: bool) -> bool:
         return False
     if fresh_remade:
         return True
-    for name in ("_manifest.json", "_run/run.json"):
-        path = out / name
-        if path.is_file():
-            return json.loads(path.read_text()).get("model") != model
+    if (out / "_delta_log").is_dir():
+        from pipeline.output.schema import read_manifest
+
+        return read_manifest(str(out)).get("model") != model
+    path = out / "_run" / "run.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get("model") != model
     return False
 
 
@@ -268,7 +271,7 @@ def _segment(args: argparse.Namespace, paths: _Paths, model_path: Path) -> bool:
     if _segment_must_overwrite(out, model, fresh_remade):
         print(f"{out} holds results of another model or other images: replacing them")
         argv.append("--overwrite")
-    if not (out / "_manifest.json").is_file() or "--overwrite" in argv:
+    if not (out / "_delta_log").is_dir() or "--overwrite" in argv:
         _init_ray()  # work to do: on the embedded instance (segment would use RAY_ADDRESS)
     return _command(argv) == 0
 
@@ -299,7 +302,7 @@ def _summary(paths: _Paths, model_path: Path, ap: dict[str, float], seconds: flo
   model            {model_path}
   evaluation       {metrics}
   segmented images {fresh}/train/images
-  Parquet output   {out}  (manifest: {out}/_manifest.json)
+  Parquet output   {out}  (a Delta table: `maskrcnn history {out}` lists its versions)
   overlays         {overlays}
 
 Look further:
