@@ -1,10 +1,12 @@
-"""The segment output contract: the Parquet schema and the manifest that commits it.
+"""The segment output contract: the Parquet schema, and what commits the rows.
 
-A segment OUTPUT is a folder (any fsspec URI) holding Parquet data files and
-``_manifest.json``. The manifest is written last, as the commit point, and
-lists the data files (relative to OUTPUT) that make up the dataset. Readers
-read exactly those files and refuse an OUTPUT without a manifest: other files
-there may be the leftovers of a run that was killed.
+A segment OUTPUT is a Delta Lake table (pipeline/output/table.py): Parquet data files
+plus ``_delta_log/``, whose commits carry what a manifest held. An OUTPUT written before
+the table format is a folder of Parquet files plus ``_manifest.json``, written last as
+the commit point, listing the data files relative to OUTPUT; it still reads, and the
+next segment run converts it into a table in place. Readers read exactly the files the
+log (or the manifest) commits and refuse an OUTPUT with neither: other files there may
+be the leftovers of a killed run, or of versions before.
 """
 
 from __future__ import annotations

@@ -1,33 +1,42 @@
-"""Exactly-once output for `maskrcnn segment`: parts, plan, manifest.
+"""Exactly-once output for `maskrcnn segment`: parts, plan, the table's commit.
 
-The names under OUTPUT are in pipeline/segment/output.py. Protocol:
+The names under OUTPUT are in pipeline/segment/output.py, the table in
+pipeline/output/table.py. Protocol:
 
-1. First start: list INPUT once, streaming it into the plan's shard files, then write the
-   spec. A re-run of the same command reads the spec back instead of listing again: the
-   images a run covers are fixed when it starts. A re-run whose model, INPUT, score
-   threshold, max detections or fast mode differ is refused unless --overwrite.
+1. First start: list INPUT once, streaming it into the plan's shard files (on a table
+   with rows, only the keys it has no row for: diff.py), then write the spec with the
+   run's sequence number (one more than the last committed run's ``txn``). A re-run of
+   the same command reads the spec back instead of listing again: the images a run
+   covers are fixed when it starts. A run whose model, INPUT, score threshold, max
+   detections or fast mode differ from what made the table's rows is refused unless
+   --overwrite.
 2. A shard is the unit of work, commit and resume. Ray tasks read it, process it, and
-   write its part ``part-<shard>.parquet`` themselves (stages/write.py), in
+   write its part ``run-<seq>/part-<shard>.parquet`` themselves (stages/write.py), in
    one atomic step: one PUT on an object store (S3 shows a whole object or none), a temp
    file + rename on a local disk. A part's name is fixed by the plan and its bytes by its
    rows, so a retried or duplicated task writes the same object again. The driver learns
    of it from a small record (shard, counts), never from its bytes.
-3. Resume: the shards done are the names of the ``part-*.parquet`` files in OUTPUT; only
-   the other shards are processed. A run killed after a task wrote a part but before the
+3. Resume: the shards done are the names of the parts in the run's folder; only the
+   other shards are processed. A run killed after a task wrote a part but before the
    driver heard of it loses nothing: the re-run finds the part by its name.
-4. Finish: list the parts; every shard of the plan must have its part and no other part
-   may be there; each part's row count (from its Parquet footer) must equal its shard's
-   and its counts add up; then write ``_manifest.json`` listing exactly those parts (the
-   same atomic write) and delete ``_run/``. Readers trust only the manifest. URIs are
-   unique across parts because the plan's shards are disjoint (checked as the plan is
-   written) and a part holds exactly its shard's rows (checked where it is written).
+4. Finish (:func:`finalize`): list the parts; every shard of the plan must have its part
+   and no other part may be there; each part's row count (from its Parquet footer) must
+   equal its shard's and its counts add up; then commit them, with the files the run
+   replaces removed, in one Delta transaction carrying ``txn`` (APP_ID, seq). A run
+   whose ``txn`` is in the log already (its driver died after committing) does not
+   commit again. Readers trust only the log. URIs are unique across a run's parts
+   because the plan's shards are disjoint (checked as the plan is written) and a part
+   holds exactly its shard's rows; across runs, because a run plans only keys the table
+   has no row for, or removes their rows in the same commit.
 5. One writer at a time: the lease (pipeline/segment/lease.py) refuses a second run while
    the first is alive; a run that loses its lease stops: its tasks read the lock before
-   each write and write nothing once it is another run's.
+   each write and write nothing once it is another run's, and its driver commits nothing.
 
-Why not Ray Data's own checkpointing (ray.data.checkpoint in 2.60): it records ids after
-its writes, apart from the data files, so a crash between the two leaves rows that are
-written again; here writing a whole part is the single step that records progress.
+Why not Ray Data's own checkpointing (ray.data.checkpoint in 2.60) or ``write_delta``: the
+first records ids after its writes, apart from the data files, so a crash between the
+two leaves rows that are written again; the second commits once from the driver without
+a transaction id, so a driver restart can commit twice. Here writing a whole part is the
+single step that records progress, and the commit is idempotent by its ``txn``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,23 @@
-"""segment: a bucket of images -> a Parquet dataset of every object found, exactly once.
+"""segment: a bucket of images -> rows in a Delta table, each image exactly once.
 
 The data flow reads like the sentence it is::
 
-    plan (shard files of listed URIs) -> read a shard's URIs (CPU tasks)
-      -> read bytes + decode + resize (CPU tasks)
+    plan (shard files of the listed URIs the table has no row for)
+      -> read a shard's URIs (CPU tasks) -> read bytes + decode + resize (CPU tasks)
       -> Segmenter (model actors, one model load each, batched predict)
       -> paste masks + RLE encode (CPU tasks) -> each shard's Parquet part, written by
-         the task that finishes it -> manifest
+         the task that finishes it -> one commit of every part to the table
 
-and so does :func:`segment`: check INPUT, load the model, open the run (run.py: resume
-or plan), execute it (:func:`build_dataset`, run by an actor beside the driver,
-monitor.py; the driver hears of each part in a small record), finish it (the manifest).
+and so does :func:`segment`: check INPUT, load the model, open the run (run.py: resume,
+or plan what the table lacks), execute it (:func:`build_dataset`, run by an actor beside
+the driver, monitor.py; the driver hears of each part in a small record), finish it (the
+commit).
 
 Exactly once and resume follow the protocol in commit.py: a shard's part appears in
 OUTPUT only as a whole, under a name the plan fixes; a re-run skips the shards whose
-parts are there; the manifest, written last, lists exactly one part per shard, each
-checked against its shard's count. The driver holds shard numbers and counts, never
-URIs or rows.
+parts are there; the commit adds exactly one part per shard, each checked against its
+shard's count, and carries the run's ``txn`` so that it happens once. The driver holds
+shard numbers and counts, never URIs or rows.
 """
 
 from __future__ import annotations

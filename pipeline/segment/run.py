@@ -1,10 +1,11 @@
 """A segment run into OUTPUT, made ready under the lease: the plan made or resumed.
 
-:func:`open_run` clears OUTPUT (--overwrite), resumes the unfinished run there or plans
-anew, and returns a :class:`SegmentRun` that has everything it needs: its spec, plan and
-sources are fixed from then on. :meth:`SegmentRun.execute` runs the pipeline over the
-shards no part holds yet (monitor.py: executor, tracker, watchdog); :meth:`finish` writes
-the manifest (commit.py).
+:func:`open_run` reads what OUTPUT holds (table_state.py: a table, a folder-format OUTPUT
+it converts, nothing), resumes the unfinished run there or plans anew (every image of
+INPUT, or on a table with rows the images it lacks: diff.py), and returns a
+:class:`SegmentRun` that has everything it needs: its spec, plan and sources are fixed
+from then on. :meth:`SegmentRun.execute` runs the pipeline over the shards no part holds
+yet (monitor.py: executor, tracker, watchdog); :meth:`finish` commits (commit.py).
 """
 
 from __future__ import annotations
