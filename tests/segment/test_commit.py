@@ -73,10 +73,14 @@ def test_s3_output_atomic_writes_commit_and_clear(s3_server, s3_bucket):
     write_batch(out, shard_batch(uris[2:], 1, 1))
     assert read_shard(out.fs, out.path(shard_name(1))) == uris[2:]
     finalize(out, SPEC, plan, {})
-    assert sorted(read_manifest(out.uri, out.options)["files"]) == out.part_names() == [
-        "part-000000.parquet",
-        "part-000001.parquet",
-    ]
+    assert (
+        sorted(read_manifest(out.uri, out.options)["files"])
+        == out.part_names()
+        == [
+            "part-000000.parquet",
+            "part-000001.parquet",
+        ]
+    )
     out.clear_run_state()
     assert not out.exists(SPEC_NAME) and not out.fs.exists(out.path(PLAN_DIR))
     assert read_manifest(out.uri, out.options)["counts"]["images"] == 3  # committed stays
