@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -45,6 +46,7 @@ APP_ID = "maskrcnn-segment"
 LOG_DIR = "_delta_log"
 RECORD_KEY = "maskrcnn"
 PROPERTY_PREFIX = "maskrcnn."
+FAULT_AFTER_COMMIT_ENV = "MASKRCNN_FAULT_AFTER_COMMIT"  # tests only: see commit_files
 # What decides the rows: a run whose values differ is another run (jobs refuse it).
 PROPERTIES = ("model", "options", "input", "format")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -313,6 +315,8 @@ def commit_files(
         )
     table = DeltaTable(uri, storage_options=storage)
     version = table.version()
+    if os.environ.get(FAULT_AFTER_COMMIT_ENV) == "kill":  # tests: a driver dead at this point
+        os.kill(os.getpid(), signal.SIGKILL)
     set_properties(table, record)
     return version
 

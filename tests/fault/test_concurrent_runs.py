@@ -10,14 +10,12 @@ finishes, and the output holds each input exactly once.
 
 from __future__ import annotations
 
-import os
-
 import pyarrow.parquet as pq
 import pytest
 from helpers.proc import kill_group, maskrcnn_process
-from helpers.segment_data import make_images, tiny_model, write_local
+from helpers.segment_data import assert_only_committed, make_images, tiny_model, write_local
 
-from pipeline.output.schema import MANIFEST_NAME, committed_files, read_manifest
+from pipeline.output.schema import committed_files, read_manifest
 
 REFUSALS = (
     "is being written by another segment run",
@@ -70,4 +68,4 @@ def test_two_runs_into_one_output_one_refused_or_both_exactly_once(tmp_path, ray
     ]
     assert len(rows) == len(set(rows)) and sorted(rows) == sorted(uris)
     assert manifest["counts"]["images"] == 12
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *manifest["files"]])
+    assert_only_committed(str(out))

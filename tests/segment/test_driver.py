@@ -4,7 +4,9 @@ refusals."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from helpers.wait import wait_until
 from pipeline.formats.decode import decode_image
 from pipeline.formats.rle import decode_masks
 from pipeline.output.schema import committed_files, read_manifest
-from pipeline.output.table import LOG_DIR, load_table
+from pipeline.output.table import LOG_DIR, commit_record, load_table, numbered_history
 from pipeline.segment.driver import segment
 from pipeline.segment.model_source import ModelSource
 
@@ -424,3 +426,36 @@ def test_grown_input_appends_only_new_images_once_then_prunes_and_retries(
     # The versions before read as they were (time travel), until the table is vacuumed.
     earlier = read_manifest(out, version=two["version"])
     assert earlier["counts"]["images"] == 10 and earlier["run_id"] == two["run_id"]
+
+
+def test_folder_format_output_is_converted_into_a_table_and_appended_to(
+    ray_local, tmp_path, models, capsys
+):
+    root, out = tmp_path / "in", tmp_path / "out"
+    images = make_images(4, seed=13, odd=False)
+    names = sorted(images)
+    write_local(root, {n: images[n] for n in names[:2]})
+    source = ModelSource(checkpoint=models["a"][0])
+    first = segment(str(root), str(out), source, opts(rows_per_part=1))
+    # The same rows as the folder format held them: parts at OUTPUT's top, a manifest.
+    files = []
+    for i, rel in enumerate(sorted(first["files"])):
+        files.append(f"part-{i:05d}.parquet")
+        (out / rel).rename(out / files[-1])
+    shutil.rmtree(out / LOG_DIR)
+    (out / "run-000001").rmdir()
+    keys = ("format", "run_id", "model", "model_uri", "config", "input", "options", "counts")
+    manifest = {k: first[k] for k in keys} | {"files": files, "started": "", "finished": ""}
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(str(out))["files"] == files  # it reads as the folder format
+
+    write_local(root, {n: images[n] for n in names[2:]})
+    second = segment(str(root), str(out), source, opts(rows_per_part=1))
+    assert "it is now a Delta table (version 0: its 2 parts, 2 images)" in capsys.readouterr().err
+    assert second["changes"] == {"added": 2, "replaced": 0, "removed": 0, "errors": 0}
+    table, _ = read_back(str(out))
+    assert_exactly_once(table, [str(p) for p in root.rglob("*") if p.is_file()])
+    assert not (out / "_manifest.json").exists()
+    log = numbered_history(load_table(str(out)))
+    ours = [commit_record(c)["operation"] for c in log if commit_record(c)]
+    assert ours == ["segment", "convert"]  # newest first

@@ -28,7 +28,7 @@ from helpers.segment_data import (
     write_s3,
 )
 
-from pipeline.output.table import LOG_DIR
+from pipeline.output.table import APP_ID, FAULT_AFTER_COMMIT_ENV, LOG_DIR, load_table
 from pipeline.segment.driver import segment
 from pipeline.segment.model_source import ModelSource
 from pipeline.segment.stages.write import FAULT_ENV
@@ -43,11 +43,11 @@ def model_path(tmp_path_factory):
     return path
 
 
-def _run(args: list[str], log: Path, fault: str) -> subprocess.Popen:
+def _run(args: list[str], log: Path, fault: str, after_commit: str = "") -> subprocess.Popen:
     proc = maskrcnn_process(
         ["segment", *args],
         cwd=REPO,
-        env_extra={FAULT_ENV: fault},
+        env_extra={FAULT_ENV: fault, FAULT_AFTER_COMMIT_ENV: after_commit},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -90,10 +90,11 @@ def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identic
 
     # 2. The same command again. It adopts every part there, that one included, and
     #    redoes only the rest; in it a task dies right after writing a part, Ray runs it
-    #    again, and the second write is the same object with the same bytes.
-    rerun = _run(args, tmp_path / "rerun.log", f"exit:{tmp_path / 'exited'}")
+    #    again, and the second write is the same object with the same bytes. Its driver
+    #    dies right after its commit, before it hears that the commit is done.
+    rerun = _run(args, tmp_path / "rerun.log", f"exit:{tmp_path / 'exited'}", "kill")
     log = (tmp_path / "rerun.log").read_text()
-    assert rerun.returncode == 0, log[-3000:]
+    assert rerun.returncode == -9, log[-3000:]
     done = sum(committed.values())
     assert f"{done} of 16 images already committed; {16 - done} to go" in log
     after = os.stat(adopted)
@@ -101,6 +102,18 @@ def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identic
     rewritten, digest = _marker(tmp_path / "exited")
     assert rewritten not in committed  # written by the re-run, twice
     assert hashlib.sha256(rewritten.read_bytes()).hexdigest() == digest
+    committed_once = load_table(str(out)).version()
+
+    # 3. The same command once more finds the run's commit (its txn) in the log and does
+    #    not commit again; it sets the table properties the dead driver did not.
+    third = _run(args, tmp_path / "third.log", "")
+    log = (tmp_path / "third.log").read_text()
+    assert third.returncode == 0, log[-3000:]
+    assert "was committed before its driver stopped" in log
+    table_now = load_table(str(out))
+    assert table_now.version() == committed_once + 1  # the properties, no second commit
+    assert table_now.transaction_version(APP_ID) == 1
+    assert "maskrcnn.model" in table_now.metadata().configuration
     table, manifest_ = read_back(str(out))
     assert_exactly_once(table, uris)
     assert sorted(manifest_["files"]) == [f"run-000001/part-{i:06d}.parquet" for i in range(4)]
