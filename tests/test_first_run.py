@@ -66,7 +66,7 @@ def test_segment_prints_progress_and_results_and_no_noise(images_and_model, tmp_
         assert proc.returncode == 0, err[-3000:]
         (dashboard_log,) = Path(ray_tmp).glob("ray/session_2*/logs/dashboard.log")
         dashboard = dashboard_log.read_text()
-    assert "segment: 6 images ok, 0 with errors" in out
+    assert "6 images added" in out and "the table: 6 images ok, 0 with errors" in out
     # Progress: not a terminal here, so Ray Data's progress lines rather than bars.
     assert "Total Progress:" in err, err[-3000:]
     noise = [line for line in err.splitlines() if any(re.search(p, line) for p in NOISE)]

@@ -107,7 +107,10 @@ def _dataset(output: str, files: list[str], options: dict[str, Any] | None) -> p
     if protocol_of(output) == "file":
         # pyarrow's native local file system reads faster than going through fsspec.
         return pads.dataset(files, schema=SCHEMA, format="parquet")
-    fs, _ = get_fs(output, options)
+    fs, root = get_fs(output, options)
+    # fsspec shares a filesystem object per process, and s3fs answers from the listings it
+    # cached: a listing from before the commit would hide the files the log names.
+    fs.invalidate_cache(root)
     paths = [get_fs(f, options)[1] for f in files]
     return pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs)
 

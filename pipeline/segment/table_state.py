@@ -71,13 +71,14 @@ class TableState:
             return
         if not self.decided:
             raise OutputStateError(
-                f"OUTPUT {out.show()} is a Delta table of {self.rows} rows that no segment "
+                f"OUTPUT {out.show()} is a Delta table of {self.rows} row(s) that no segment "
                 "run wrote; choose another OUTPUT or pass --overwrite to replace its rows"
             )
         diffs = spec_mismatches(self.decided, spec)
+        rows = f"{self.rows} row{'s' if self.rows != 1 else ''}"
         if diffs:
             raise OutputStateError(
-                f"OUTPUT {out.show()} holds {self.rows} rows made with another "
+                f"OUTPUT {out.show()} holds {rows} made with another "
                 f"{'; '.join(diffs)}; choose another OUTPUT or pass --overwrite to replace them"
             )
 

@@ -34,7 +34,7 @@ CASES = [
     ("segment-model-not-safetensors", ["segment", "{R}/shapes/train/images", "{R}/o5",
      "--model", "{R}/bad.json"], ["model {R}/bad.json: not a safetensors file"], ["o5"]),
     ("segment-other-model-into-output", ["segment", "{R}/shapes/train/images", "{R}/done",
-     "--model", "{R}/m2.st"], ["OUTPUT {R}/done already holds a finished run", "--overwrite"],
+     "--model", "{R}/m2.st"], ["OUTPUT {R}/done holds 1 row made with another model", "--overwrite"],
      ["done/_run"]),
     ("segment-bad-flag", ["segment", "{R}/shapes/train/images", "{R}/o6", "--model",
      "{R}/m4.st", "--batch-size", "x"], ["--batch-size", "expected a positive integer", "'x'"],

@@ -210,7 +210,7 @@ def test_segment_survives_losing_a_worker_node_exactly_once(
 
     def parts() -> list[str]:
         fs.invalidate_cache()
-        return fs.glob(f"{s3_bucket}/out/part-*.parquet")
+        return fs.glob(f"{s3_bucket}/out/run-*/part-*.parquet")
 
     worker = cluster.add_node(NODE_CPUS)  # this test's own, to lose
     job = cluster.submit(

@@ -113,6 +113,7 @@ def read_back(output: str, storage: dict | None = None):
         if output.startswith("s3://")
         else fsspec.filesystem("file")
     )
+    fs.invalidate_cache()  # a listing cached before the commit would hide its files
     tables = []
     for uri in files:
         with fs.open(uri, "rb") as f:
