@@ -132,6 +132,11 @@ CLUSTER_FIXTURES = {"head_cluster", "shapes_cluster"}
 RAY_MODULES = {
     "tests/fault/test_node_loss.py": "ray start clusters",
     "tests/test_cluster_shapes.py": "ray start clusters",
+    # Its two CLI runs (about 3 minutes, each with its own embedded Ray) even out the two
+    # groups: in the `ray` group it made that group the suite's critical path (about 15
+    # of its 16 minutes in a clean run). A group runs one test at a time, so it never
+    # runs beside this group's clusters.
+    "tests/test_train.py": "ray start clusters",
     "tests/fault/test_bad_data_at_scale.py": "ray",
     "tests/fault/test_concurrent_runs.py": "ray",
     "tests/fault/test_storage_faults.py": "ray",
@@ -143,7 +148,6 @@ RAY_MODULES = {
     "tests/segment/test_driver.py": "ray",
     "tests/segment/test_monitor.py": "ray",
     "tests/segment/test_shards.py": "ray",
-    "tests/test_train.py": "ray",
 }
 
 
