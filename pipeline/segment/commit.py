@@ -112,10 +112,6 @@ class Diff:
     pruned: int  # of those, removed (--prune)
     replaces: tuple[dict[str, Any], ...]  # per changed file: remove, add (or None), removed
 
-    @property
-    def to_segment(self) -> int:
-        return self.new + self.retry
-
     def to_spec(self) -> dict[str, Any]:
         return {
             "new": self.new,
@@ -183,11 +179,6 @@ def read_part(out: OutputDir, name: str) -> tuple[Counts, DataFile]:
         return Counts.from_dict(counts), DataFile(rel, size, file_stats(meta), meta.num_rows)
 
     return retrying(read, what=f"reading {out.show(rel)}")
-
-
-def read_counts(out: OutputDir, name: str) -> Counts:
-    """A part's counts (:func:`read_part`)."""
-    return read_part(out, name)[0]
 
 
 def spec_mismatches(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -277,9 +268,9 @@ def finalize(
 def committed_before(out: OutputDir, table: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """The record of the run's own commit, found in the log (an earlier attempt's), with
     the table properties it implies set where the attempt died before setting them."""
-    from pipeline.output.table import commit_record, set_properties
+    from pipeline.output.table import commit_record, numbered_history, set_properties
 
-    for commit in table.history(limit=50):
+    for commit in numbered_history(table, 50):
         record = commit_record(commit)
         if record is not None and record.get("run_id") == spec["run_id"]:
             set_properties(table, record)

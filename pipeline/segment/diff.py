@@ -123,8 +123,10 @@ def compare_range(job: DiffJob, index: int) -> dict[str, Any]:
         out.put_bytes(f"{DIFF_DIR}/new-{index:06d}.txt", _lines(segment))
     if drop:
         out.put_bytes(f"{DIFF_DIR}/drop-{index:06d}.txt", _lines(sorted(drop)))
-    dropping = pc.is_in(rows.column("uri"), pa.array(sorted(drop), pa.string()))
-    files = sorted(set(rows.filter(dropping).column("file").to_pylist())) if drop else []
+    files = []
+    if drop:
+        dropping = pc.is_in(rows.column("uri"), pa.array(sorted(drop), pa.string()))
+        files = sorted(set(rows.filter(dropping).column("file").to_pylist()))
     return {"new": len(new), "retry": len(retry), "gone": len(gone), "files": files}
 
 

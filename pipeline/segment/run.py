@@ -257,7 +257,7 @@ def open_run(
         state.refuse_another(out, spec)
     if state.folder is not None:
         state = convert_folder(out, state, log)
-    seq = max(state.seq, 0) + 1
+    seq = state.seq + 1
     out = OutputDir(out.uri, out.options, parts_dir(seq))
     out.remove(out.parts, recursive=True)  # an abandoned attempt's: the log holds not one
     listing = listing or InputListing.begin(source)

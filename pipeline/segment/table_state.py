@@ -56,8 +56,8 @@ class TableState:
             counts = Counts.from_dict(record.get("counts") or {})
             if not record:  # another writer's table: its rows, from the log's statistics
                 counts = Counts(rows=int(table.count()))
-            seq = table.transaction_version(APP_ID)
-            return cls(table.version(), -1 if seq is None else seq, decided, counts)
+            seq = table.transaction_version(APP_ID) or 0  # none: another writer's table
+            return cls(table.version(), seq, decided, counts)
         manifest = out.read_json(MANIFEST_NAME)
         if manifest is not None and manifest.get("format") == FORMAT:
             decided = {key: manifest.get(key) for key in PROPERTIES}

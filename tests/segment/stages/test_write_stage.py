@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 from helpers.output_rows import SPEC, planned, rows, shard_batch, take_lock, write_batch
 
-from pipeline.segment.commit import Counts, encode_part, finalize, read_counts
+from pipeline.segment.commit import Counts, encode_part, finalize, read_part
 from pipeline.segment.output import OutputDir, part_name, piece_dir
 from pipeline.segment.stages.write import ShardRecord, assemble_part
 
@@ -20,7 +20,7 @@ def test_part_bytes_are_a_function_of_the_rows_only(tmp_path):
     assert counts == Counts(rows=3, ok=2, error=1, instances=4)
     out = OutputDir(str(tmp_path / "out"))
     out.put_bytes("part-000000.parquet", data)
-    assert read_counts(out, "part-000000.parquet") == counts
+    assert read_part(out, "part-000000.parquet")[0] == counts
 
 
 def test_a_whole_shard_is_its_part_and_a_split_one_is_joined_to_the_same_bytes(tmp_path):
