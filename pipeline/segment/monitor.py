@@ -39,6 +39,7 @@ from pipeline.storage import first_line
 POLL_S = 5.0  # the longest the driver waits without looking at the cluster
 ASSEMBLE_CPUS = 0.25
 ASSEMBLE_RETRIES = 3
+MIN_ACTORS_WAIT_S = 30 * 24 * 3600  # Ray Data's wait for the first model actors: unbounded
 
 
 class PipelineError(RuntimeError):
@@ -62,6 +63,11 @@ class PipelineExecutor:
         # A stage's own exception, not Ray Data's UserCodeException around it: crossing a
         # process, an exception keeps its message but loses its ``__cause__``.
         dataset.context.raise_original_map_exception = True
+        # The model actors are placed before any task runs. Started beside the CPU
+        # tasks, a 2-CPU actor can wait for its CPUs as long as 1-CPU tasks take each
+        # one that frees: on a 3-CPU node it waited the whole run. The wait has no limit
+        # of its own; the driver's watchdog ends a run whose actors cannot be placed.
+        dataset.context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
         self._rows = iter(dataset.iter_rows())
 
     def next(self) -> dict[str, Any] | None:
