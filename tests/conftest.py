@@ -11,6 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Two xdist workers' Ray processes share 2 cores: torch's OpenMP threads would spin
+# while waiting for work, taking the cores the other processes need. Every process the
+# tests start inherits this (it must be set before torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Fixtures shared by the modules of a test folder, which has no conftest.py of its own: a
 # second conftest module outside a package would take `conftest`'s name from this one.
 pytest_plugins = ["helpers.stage_fixtures"]

@@ -1,9 +1,10 @@
-"""`maskrcnn train`: DDP training on a real local Ray cluster, checkpoints local and on S3.
+"""`maskrcnn train`: DDP training on a real local Ray cluster, with local checkpoints
+(on S3: tests/fault/test_node_loss.py, whose run restarts from them).
 
-The end-to-end tests run the CLI in a subprocess (its own local Ray instance,
-2 workers on the tiny preset with 64 px shapes) and interrupt it from
-outside: a worker process killed with SIGKILL, the driver killed with
-SIGKILL. Fast unit tests cover the pieces the resumption relies on.
+The end-to-end test runs the CLI in a subprocess (its own local Ray instance, 2
+workers on the tiny preset with 64 px shapes) and interrupts it from outside twice:
+a worker process killed with SIGKILL, then the driver. Fast unit tests cover the
+pieces the resumption relies on.
 """
 
 from __future__ import annotations
@@ -89,76 +90,14 @@ def assert_resumed(log_text: str, start: int, iterations: int) -> None:
 # Its own Ray: Ray Train's cleaner asks the dashboard, which the shared instance runs without.
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(420)
-def test_worker_killed_mid_run_restarts_from_its_s3_checkpoint(
-    shapes, s3_server, s3_bucket, tmp_path
-):
-    """Also the --amp path: bf16 autocast, channels_last weights under DDP, in checkpoints."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
-    run = f"{s3_bucket}/runs/killed"
-
-    def read_text(name: str) -> str | None:
-        try:
-            return fs.cat_file(f"{run}/{name}").decode()
-        except FileNotFoundError:
-            return None
-
-    log = tmp_path / "train.log"
-    args = [
-        "--data", str(shapes / "train"), *SMALL_RUN, "--batch-size", "2", "--iters", "16",
-        "--checkpoint-every", "4", "--keep-checkpoints", "2", "--max-failures", "2",
-        "--amp", "--storage", f"s3://{s3_bucket}/runs", "--name", "killed",
-    ]  # fmt: skip
-    proc = start_train(args, log, tmp_path)
-    try:
-        # A worker of the first attempt, killed once a checkpoint is registered.
-        def first_attempt_worker():
-            status = read_text("workers/rank-1.json")
-            if status and registered_checkpoint(read_text):
-                status = json.loads(status)
-                return status if status["start_iteration"] == 0 else None
-            return None
-
-        victim = wait_for(first_attempt_worker, proc, log)
-        os.kill(victim["pid"], signal.SIGKILL)
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        kill_group(proc)
-    text = log.read_text()
-
-    # Both workers were restarted, from the same registered checkpoint.
-    restarted = [json.loads(read_text(f"workers/rank-{r}.json")) for r in (0, 1)]
-    start = restarted[0]["start_iteration"]
-    assert start > 0 and start % 4 == 0
-    assert restarted[1]["start_iteration"] == start
-    assert restarted[1]["pid"] != victim["pid"]
-    assert restarted[0]["shard_images"] + restarted[1]["shard_images"] == 24
-    assert_resumed(text, start, 16)
-    assert "finished at iteration 16" in text
-
-    # The last two checkpoints are kept, each complete; the export is the last one's model.
-    kept = sorted(p.rsplit("/", 1)[1] for p in fs.ls(run) if "/checkpoint_0" in p)
-    assert kept == ["checkpoint_00000012", "checkpoint_00000016"]
-    for name in kept:
-        files = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{run}/{name}"))
-        assert files == ["model.safetensors", "state.json", "train_state.pt"]
-    state = json.loads(read_text("checkpoint_00000016/state.json"))
-    assert state["iteration"] == 16
-    fs.get(f"{run}/model.safetensors", str(tmp_path / "model.safetensors"))
-    model = load(str(tmp_path / "model.safetensors"))
-    assert model.cfg.class_names == CLASS_NAMES and model.cfg.min_size == 64
-    assert model_id(model) == state["model_id"]
-
-
-# Its own Ray: Ray Train's cleaner asks the dashboard, which the shared instance runs without.
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(420)
-def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes, tmp_path):
-    """Also a corrupt image (with one image per batch, a batch of nothing still steps) and
-    a fine-tune: the run starts from --init, which its resumption does not re-apply."""
+@pytest.mark.timeout(480)
+def test_killed_worker_then_stopped_run_each_resume_from_a_checkpoint(shapes, tmp_path):
+    """One run meets both interruptions: a worker SIGKILLed mid-run (Ray Train restarts
+    the worker group from the last registered checkpoint, within the run), then the whole
+    job stopped (the same command again continues it). Also the --amp path (bf16
+    autocast, channels_last weights under DDP, in checkpoints), a corrupt image (with one
+    image per batch, a batch of nothing still steps) and a fine-tune: the run starts from
+    --init, which neither resumption re-applies."""
     pretrained = tmp_path / "pretrained.safetensors"
     torch.manual_seed(3)
     old = MaskRCNN(
@@ -180,35 +119,75 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
         path = run / name
         return path.read_text() if path.exists() else None
 
+    def status(rank: int) -> dict:
+        return json.loads(read_text(f"workers/rank-{rank}.json") or "{}")
+
     args = [
         "--data", str(data / "train"), "--val-data", str(data / "val"), *SMALL_RUN,
         "--batch-size", "1", "--iters", "24", "--checkpoint-every", "4", "--keep-checkpoints", "2",
-        "--storage", str(storage), "--name", "stopped", "--init", str(pretrained),
+        "--max-failures", "2", "--amp", "--storage", str(storage), "--name", "stopped",
+        "--init", str(pretrained),
     ]  # fmt: skip
     first_log = tmp_path / "first.log"
     proc = start_train(args, first_log, tmp_path)
 
-    def just_past_a_checkpoint() -> int | None:
+    def first_attempt_worker() -> dict | None:
+        """Rank 1 of the first attempt, once a checkpoint is registered."""
+        rank1 = status(1)
+        return (
+            rank1
+            if rank1.get("start_iteration") == 0 and registered_checkpoint(read_text)
+            else None
+        )
+
+    def restarted_workers() -> list[dict] | None:
+        ranks = [status(0), status(1)]
+        return ranks if all(r.get("start_iteration", 0) > 0 for r in ranks) else None
+
+    def just_past_a_checkpoint_after_the_restart(start: int):
         """The last logged iteration, when it is the second after a checkpoint (4, 8,
-        ...) and one is registered: stopped there, the run redoes two iterations or more,
-        one of them after an optimizer step taken since the restart."""
-        logged = iteration_lines(first_log.read_text())
-        if logged and logged[-1] % 4 == 2 and registered_checkpoint(read_text):
-            return logged[-1]
-        return None
+        ...) the restarted group registered: stopped there, the run redoes two iterations
+        or more, one of them after an optimizer step taken since the restart."""
+
+        def condition() -> int | None:
+            logged = iteration_lines(first_log.read_text())
+            checkpoint = registered_checkpoint(read_text)
+            if logged and logged[-1] % 4 == 2 and checkpoint and checkpoint > start:
+                return logged[-1]
+            return None
+
+        return condition
 
     try:
-        last_logged = wait_for(just_past_a_checkpoint, proc, first_log, interval=0.05)
-        # Stop the whole job at once: the driver, and its workers with it (they
-        # would otherwise outlive the driver by a moment and go on checkpointing).
-        workers = [json.loads(read_text(f"workers/rank-{r}.json"))["pid"] for r in (0, 1)]
-        for pid in [proc.pid, *workers]:
+        # 1. A worker of the first attempt killed once a checkpoint is registered: the
+        #    run goes on with a new worker group, from that checkpoint.
+        victim = wait_for(first_attempt_worker, proc, first_log)
+        os.kill(victim["pid"], signal.SIGKILL)
+        restarted = wait_for(restarted_workers, proc, first_log)
+        start = restarted[0]["start_iteration"]
+        # 2. Past the restarted group's next checkpoint, the whole job is stopped at once:
+        #    the driver, and its workers with it (they would otherwise outlive the driver
+        #    by a moment and go on checkpointing).
+        last_logged = wait_for(
+            just_past_a_checkpoint_after_the_restart(start), proc, first_log, interval=0.05
+        )
+        for pid in [proc.pid, status(0)["pid"], status(1)["pid"]]:
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         kill_group(proc)
+    first_text = first_log.read_text()
+
+    # Both workers were restarted, from the same registered checkpoint, over all the data.
+    assert start > 0 and start % 4 == 0
+    assert restarted[1]["start_iteration"] == start
+    assert restarted[1]["pid"] != victim["pid"]
+    assert restarted[0]["shard_images"] + restarted[1]["shard_images"] == 24
+    final = iteration_lines(first_text)[-1]  # the kill may land an iteration later
+    assert final >= last_logged
+    assert_resumed(first_text, start, final)
     stopped_at = registered_checkpoint(read_text)
-    assert stopped_at and stopped_at % 4 == 0 and stopped_at < last_logged
+    assert stopped_at and start < stopped_at < last_logged and stopped_at % 4 == 0
     assert not (run / "model.safetensors").exists()
 
     again_log = tmp_path / "again.log"
@@ -218,7 +197,7 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     finally:
         kill_group(proc)
     text = again_log.read_text()
-    for log_text in (first_log.read_text(), text):
+    for log_text in (first_text, text):
         assert (
             f"train: --init {pretrained}: found a maskrcnn checkpoint (resnet18, 4 classes)"
             in log_text
@@ -228,26 +207,32 @@ def test_stopped_run_continues_from_its_checkpoint_with_the_same_command(shapes,
     assert "finished at iteration 24" in text
     # Resumed exactly: iterations trained by both runs (after the checkpoint the
     # first run went on until killed) have the same losses.
-    first, resumed = losses_by_iteration(first_log.read_text()), losses_by_iteration(text)
+    first, resumed = losses_by_iteration(first_text), losses_by_iteration(text)
     redone = sorted(set(first) & set(resumed))
     assert len(redone) >= 2 and redone[0] == stopped_at + 1
     assert [first[i] for i in redone] == [resumed[i] for i in redone]
     # Each worker's 12 images all come in its first 12 iterations: the corrupt one was met.
-    both = first_log.read_text() + text
+    both = first_text + text
     assert re.search(r"skipped image \S*000005.png: undecodable", both), both[-3000:]
 
+    # The last two checkpoints are kept, each complete; the export is the last one's model.
     kept = sorted(p.name for p in run.glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000020", "checkpoint_00000024"]
+    for name in kept:
+        files = sorted(p.name for p in (run / name).iterdir())
+        assert files == ["model.safetensors", "state.json", "train_state.pt"]
     state = json.loads((run / "checkpoint_00000024" / "state.json").read_text())
+    assert state["iteration"] == 24
     # The final evaluation on --val-data is reported with the last checkpoint.
     assert 0.0 <= state["metrics"]["segm_AP"] <= 1.0
     assert state["metrics"]["eval_images"] == 8
     model = load(str(run / "model.safetensors"))
+    assert model.cfg.class_names == CLASS_NAMES and model.cfg.min_size == 64
     assert model_id(model) == state["model_id"]
     origin = json.loads(read_metadata((run / "model.safetensors").read_bytes())["init"])
     assert origin["kept"] == {"square": "square", "circle": "circle"}
     assert origin["new"] == ["triangle"] and origin["trainable_layers"] == "3+"
-    # One metrics line per logged iteration, continued (not repeated) after the resume,
+    # One metrics line per logged iteration, continued (not repeated) after each resume,
     # and the curves drawn from them.
     steps = [m["iteration"] for m in read_metrics(str(run), {}) if "loss" in m]
     assert steps == list(range(1, 25)), steps

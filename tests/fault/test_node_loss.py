@@ -394,6 +394,13 @@ def test_train_survives_losing_a_worker_node_from_its_checkpoint(
     assert {s["pid"] for s in restarted}.isdisjoint(s["pid"] for s in first)
     assert on_replacement, "the new worker group used the replacement node"
 
+    # The last two checkpoints are kept on S3, each complete; the export is the last one's.
+    fs.invalidate_cache()
+    kept = sorted(p.rsplit("/", 1)[1] for p in fs.ls(run) if "/checkpoint_0" in p)
+    assert kept == [f"checkpoint_{i:08d}" for i in (iterations - every, iterations)]
+    for name in kept:
+        files = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{run}/{name}"))
+        assert files == ["model.safetensors", "state.json", "train_state.pt"]
     state = json.loads(read_text(f"checkpoint_{iterations:08d}/state.json"))
     assert state["iteration"] == iterations
     fs.get(f"{run}/model.safetensors", str(tmp_path / "model.safetensors"))
