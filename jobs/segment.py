@@ -131,7 +131,7 @@ def _cluster_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative,
         default=900.0,
         metavar="SECONDS",
-        help="fail after this long without a part while Ray cannot place a demand "
+        help="fail after this long without a part while a demand fits no alive node "
         "(default 900; 0: never)",
     )
     p.add_argument(

@@ -306,6 +306,20 @@ def node_shapes() -> list[NodeShape]:
     return shapes
 
 
+def unplaceable(demands: list[dict[str, float]], shapes: list[NodeShape]) -> list[dict[str, float]]:
+    """The ``demands`` that no node of ``shapes`` could host even idle: what a run waits for
+    in vain until nodes change. A demand that fits some node only waits for its work."""
+
+    def fits(demand: dict[str, float], node: NodeShape) -> bool:
+        return (
+            demand.get("CPU", 0) <= node.cpus
+            and demand.get("GPU", 0) <= node.gpus
+            and (node.memory <= 0 or demand.get("memory", 0) <= node.memory)
+        )
+
+    return [d for d in demands if not any(fits(d, node) for node in shapes)]
+
+
 def shapes_text(shapes: list[NodeShape]) -> str:
     """``shapes`` for a message, grouped: "3 nodes of 2 CPUs", "1 node of 8 CPUs, 1 GPU"."""
     if not shapes:

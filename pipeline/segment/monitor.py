@@ -39,7 +39,6 @@ from pipeline.storage import first_line
 POLL_S = 5.0  # the longest the driver waits without looking at the cluster
 ASSEMBLE_CPUS = 0.25
 ASSEMBLE_RETRIES = 3
-MIN_ACTORS_WAIT_S = 30 * 24 * 3600  # Ray Data's wait for the first model actors: unbounded
 
 
 class PipelineError(RuntimeError):
@@ -63,11 +62,6 @@ class PipelineExecutor:
         # A stage's own exception, not Ray Data's UserCodeException around it: crossing a
         # process, an exception keeps its message but loses its ``__cause__``.
         dataset.context.raise_original_map_exception = True
-        # The model actors are placed before any task runs. Started beside the CPU
-        # tasks, a 2-CPU actor can wait for its CPUs as long as 1-CPU tasks take each
-        # one that frees: on a 3-CPU node it waited the whole run. The wait has no limit
-        # of its own; the driver's watchdog ends a run whose actors cannot be placed.
-        dataset.context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
         self._rows = iter(dataset.iter_rows())
 
     def next(self) -> dict[str, Any] | None:
@@ -258,9 +252,11 @@ class Watchdog:
     While Ray holds demands it has not placed (cluster.pending_demands), it says so every
     ``interval`` seconds: what waits, what the cluster has, how far the run got; otherwise
     it says how far the run got, at the same interval. When no part came for
-    ``stall_timeout`` seconds while such demands are pending, :meth:`check` raises
-    :class:`StallError` (the parts committed so far stay committed; a re-run resumes after
-    them).
+    ``stall_timeout`` seconds while a pending demand fits no alive node
+    (``unplaceable``, by default cluster.unplaceable over the nodes now), :meth:`check`
+    raises :class:`StallError` (the parts committed so far stay committed; a re-run
+    resumes after them). A demand that fits a node is work queued behind other work, on
+    a busy cluster or a slow start: a stall only while it cannot be hosted at all.
     """
 
     def __init__(
@@ -270,9 +266,11 @@ class Watchdog:
         interval: float = 60.0,
         demands: Callable[[], list[dict[str, float]]] = cluster.pending_demands,
         total: int | None = None,
+        unplaceable: Callable[[list[dict[str, float]]], list[dict[str, float]]] | None = None,
     ):
         self.log, self.stall_timeout, self.interval = log, stall_timeout, interval
         self.demands, self.total = demands, total
+        self.unplaceable = unplaceable or (lambda d: cluster.unplaceable(d, cluster.node_shapes()))
         self.every = min(POLL_S, interval, stall_timeout or POLL_S)
         self.rows = 0
         self._started = self._last_part = self._last_log = self._last_check = time.monotonic()
@@ -301,7 +299,9 @@ class Watchdog:
         now = time.monotonic()
         idle = now - self._last_part
         if pending and self.stall_timeout > 0 and idle >= self.stall_timeout:
-            raise StallError(self._stall_text(pending, idle))
+            stuck = self.unplaceable(pending)
+            if stuck:
+                raise StallError(self._stall_text(stuck, idle))
         if now - self._last_log < self.interval or not (pending or self.rows):
             return
         self._last_log = now
