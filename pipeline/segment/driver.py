@@ -55,6 +55,8 @@ from pipeline.storage import redact
 
 __all__ = ["SegmentOptions", "segment"]
 
+MIN_ACTORS_WAIT_S = 30 * 24 * 3600  # Ray Data's wait for the first model actors: unbounded
+
 
 def segment(
     input_uri: str,
@@ -150,7 +152,7 @@ def build_dataset(job: PipelineJob) -> Any:
 
     where = {"output_uri": job.output[0], "output_options": job.output[1]}
     res = job.res
-    return (
+    dataset = (
         ray.data.from_arrow(_ranges(job.plan, job.pending, res.rows_per_block))
         .map_batches(
             expand_shards,
@@ -181,6 +183,13 @@ def build_dataset(job: PipelineJob) -> Any:
             num_cpus=res.part_cpus,
         )
     )
+    if res.actors_first:
+        # Seen on 3-CPU nodes: a 2-CPU actor waited the whole run while tasks took each
+        # CPU that freed. The wait has no limit of its own: the driver's watchdog ends a
+        # run whose actors cannot be placed. On one node the budget itself keeps the
+        # actors' CPUs free, and their start (about 4 s) overlaps the first decodes.
+        dataset.context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
+    return dataset
 
 
 def _decode_args(job: PipelineJob) -> dict[str, Any]:

@@ -87,6 +87,10 @@ class Resources:
     cpus_per_actor: float
     actors: tuple[int, int]  # (min, max) model actors
     rows_per_block: int  # input rows per Ray Data block
+    # Place the model actors before any task starts (driver.build_dataset): on more than
+    # one node, Ray Data's budget counts CPUs cluster-wide, and tasks can take every CPU
+    # of the node an actor needs while the CPUs it leaves free are spread elsewhere.
+    actors_first: bool = False
     decode_cpus: float = DECODE_CPUS
     decode_memory: int = DECODE_TASK_MEMORY
     encode_cpus: float = ENCODE_CPUS
@@ -214,7 +218,7 @@ class SegmentRun:
         # Enough input blocks for every CPU to decode, small enough to stream.
         cpus_total = max(1, int(sum(s.cpus for s in shapes)))
         per_block = max(1, min(self.plan.rows_per_shard, math.ceil(pending / (4 * cpus_total))))
-        return Resources(plan.gpus, plan.cpus, plan.actors, per_block)
+        return Resources(plan.gpus, plan.cpus, plan.actors, per_block, len(shapes) > 1)
 
 
 @contextmanager
