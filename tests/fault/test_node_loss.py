@@ -101,7 +101,11 @@ def cluster(head_cluster):
 
 
 def poll(condition, what: str, cluster: LocalRayCluster, job_id: str, timeout: float = 180.0):
-    """``condition()``'s first truthy value (wait_until); fails when the job ends first."""
+    """``condition()``'s first truthy value (wait_until); fails when the job ends first.
+
+    Once a second: each look is several requests to the dashboard, whose answers cost the
+    cores the job runs on, and what is looked for (a batch, an iteration) takes longer.
+    """
 
     def job_ended() -> str | None:
         status = cluster.job(job_id)["status"]
@@ -109,7 +113,7 @@ def poll(condition, what: str, cluster: LocalRayCluster, job_id: str, timeout: f
             return None
         return f"job {status}:\n{cluster.job_logs(job_id)[-3000:]}"
 
-    return wait_until(condition, what, timeout, gave_up=job_ended)
+    return wait_until(condition, what, timeout, interval=1.0, gave_up=job_ended)
 
 
 def alive_actors_on(cluster: LocalRayCluster, node_id: str, name_part: str, job_id: str):
