@@ -4,7 +4,7 @@ Inits are real files of each kind: our safetensors checkpoint, torchvision Mask 
 v1 (.pth) and v2 (.safetensors) state dicts with seeded weights (built as the parity
 tests build them), and a seeded torchvision ResNet-50 classification state dict. A
 fine-tune end to end through Ray Train, stopped and resumed, is
-tests/test_train.py::test_stopped_run_continues_from_its_checkpoint_with_the_same_command.
+tests/test_train.py::test_killed_worker_then_stopped_run_each_resume_from_a_checkpoint.
 """
 
 from __future__ import annotations
