@@ -51,7 +51,6 @@ from helpers.wait import wait_until
 from maskrcnn.checkpoint import load, model_id
 from pipeline.formats.shapes import make_shapes_dataset
 from pipeline.output.schema import committed_files
-from pipeline.segment.run import DECODE_TASK_MEMORY
 
 pytestmark = pytest.mark.slow
 
@@ -217,10 +216,7 @@ def test_segment_survives_losing_a_worker_node_exactly_once(
         fs.invalidate_cache()
         return fs.glob(f"{s3_bucket}/out/run-*/part-*.parquet")
 
-    # This test's own node, to lose. Its memory resource holds two decode tasks (1 GiB
-    # each): CPU tasks could otherwise take its CPUs faster than they free two, and on a
-    # busy machine its model actor then waited for them the whole run (seen in CI).
-    worker = cluster.add_node(NODE_CPUS, memory=int(2.5 * DECODE_TASK_MEMORY))
+    worker = cluster.add_node(NODE_CPUS)  # this test's own, to lose
     job = cluster.submit(
         ["maskrcnn", "segment", f"s3://{s3_bucket}/in", out, "--model", model]
         + ["--actors", "2", "--cpus-per-actor", str(CPUS_PER_ACTOR), "--batch-size", "4"]

@@ -227,17 +227,16 @@ class LocalRayCluster:
         for cpus in self.worker_cpus:
             self.add_node(cpus)
 
-    def add_node(self, num_cpus: int, memory: int | None = None) -> Node:
-        """Start one more worker node (``memory``: its memory resource, in bytes) and wait
-        until the cluster counts it alive."""
-        node = self._spawn(f"worker{len(self.workers) + 1}", num_cpus, head=False, memory=memory)
+    def add_node(self, num_cpus: int) -> Node:
+        """Start one more worker node and wait until the cluster counts it alive."""
+        node = self._spawn(f"worker{len(self.workers) + 1}", num_cpus, head=False)
         self.workers.append(node)
         want = 1 + sum(1 for w in self.workers if not w.killed)
         self._wait(lambda: len(self.alive_nodes()) >= want, f"{node.name} to join", [node])
         self._node_id(node)
         return node
 
-    def _spawn(self, name: str, num_cpus: int, head: bool, memory: int | None = None) -> Node:
+    def _spawn(self, name: str, num_cpus: int, head: bool) -> Node:
         ports = {
             "dashboard-agent-listen-port": free_port(),
             "dashboard-agent-grpc-port": free_port(),
@@ -259,7 +258,6 @@ class LocalRayCluster:
             f"--temp-dir={node_dir}",
             "--disable-usage-stats",
             *(f"--{k}={v}" for k, v in ports.items()),
-            *([f"--memory={memory}"] if memory is not None else []),
         ]
         if head:
             ports["ray-client-server-port"] = free_port()
