@@ -8,8 +8,11 @@ and the rest inside ``run`` so that ``maskrcnn --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
+import threading
 
 from jobs.args import UsageError
 
@@ -67,5 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then an exit without the interpreter's teardown.
+
+    With torch, torchvision and Ray loaded, Python's teardown (module finalization, then
+    native destructors) takes 2-8 s of CPU after the last line is printed (measured on a
+    2-core machine; ``os._exit`` takes 0.06 s). Everything a normal exit does for the
+    program runs first: other threads are joined and the atexit handlers run (Ray's
+    shutdown, temporary files), then the streams are flushed.
+    """
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
