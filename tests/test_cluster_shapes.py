@@ -114,9 +114,15 @@ def segment_argv(data, out, *flags) -> list[str]:
     ]
 
 
-def run_cli(argv, env, timeout=240) -> subprocess.CompletedProcess:
+def run_cli(argv, env, timeout=420) -> subprocess.CompletedProcess:
     env = {**env, "PYTHONPATH": str(REPO)}
-    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(
+            argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:  # its output so far is bytes, whatever text=
+        out, err = ((data or b"").decode(errors="replace") for data in (exc.stdout, exc.stderr))
+        pytest.fail(f"{argv[3]} still running after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
 
 
 @pytest.mark.slow
@@ -223,7 +229,7 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(shapes_cluster, dat
 # Its own Ray: starting a local instance when the recorded cluster is gone is the point.
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_a_dead_recorded_cluster_does_not_stop_segment(data, tmp_path):
     """`ray start` recorded a cluster that is gone: segment says so and runs locally."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: socket paths

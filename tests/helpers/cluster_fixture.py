@@ -39,12 +39,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from .wait import wait_until  # relative: bench/ imports this module as tests.helpers
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 MARKER_VAR = "MASKRCNN_TEST_CLUSTER"  # in every cluster process's environment
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+# What `ray start` prints when the GCS did not answer its node in time.
+GCS_TOO_SLOW = ("The current node timed out during startup", "Failed to connect to GCS")
 
 
 def free_port() -> int:
@@ -228,13 +232,31 @@ class LocalRayCluster:
             self.add_node(cpus)
 
     def add_node(self, num_cpus: int) -> Node:
-        """Start one more worker node and wait until the cluster counts it alive."""
-        node = self._spawn(f"worker{len(self.workers) + 1}", num_cpus, head=False)
-        self.workers.append(node)
-        want = 1 + sum(1 for w in self.workers if not w.killed)
-        self._wait(lambda: len(self.alive_nodes()) >= want, f"{node.name} to join", [node])
-        self._node_id(node)
-        return node
+        """Start one more worker node and wait until the GCS counts it alive.
+
+        `ray start` gives a node a fixed 30 s to register with the GCS (ray/_private/node.py)
+        and exits when the GCS has not answered; on a loaded 2-core machine it can take
+        longer. Such a node is started once more, as a person would; any other exit fails
+        at once."""
+        for attempt in (1, 2):
+            node = self._spawn(f"worker{len(self.workers) + 1}", num_cpus, head=False)
+            self.workers.append(node)
+            try:
+                self._wait(lambda n=node: self._registered(n), f"{node.name} to join", [node])
+                return node
+            except pytest.fail.Exception:
+                if attempt == 2 or not any(m in self.log_tail(node) for m in GCS_TOO_SLOW):
+                    raise
+                node.killed = True  # its processes died with its `ray start` (fate sharing)
+        raise AssertionError("unreachable")
+
+    def _registered(self, node: Node) -> bool:
+        """Whether ``node``'s own raylet is up and the GCS counts it alive."""
+        try:
+            node_id = self._node_id(node)
+        except ClusterError:
+            return False
+        return any(n["node_id"] == node_id and n["state"] == "ALIVE" for n in self.nodes())
 
     def _spawn(self, name: str, num_cpus: int, head: bool) -> Node:
         ports = {
