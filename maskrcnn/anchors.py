@@ -11,7 +11,8 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, box_iou
+
+from maskrcnn.ops import batched_nms, box_iou
 
 # exp(dw) is clamped so that a box grows at most 1000/16 times its anchor.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.config import MaskRCNNConfig
+from maskrcnn.ops import FrozenBatchNorm2d
 
 _STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
@@ -90,19 +91,75 @@ def conv_block(
     return ConvBlock(*layers)
 
 
-def _residual_block(block: nn.Module, x: Tensor) -> Tensor:
-    """A torchvision Bottleneck or BasicBlock, with each norm folded into its conv."""
+# backbone -> (bottleneck blocks, blocks per stage), as torchvision's ResNets are built
+_LAYOUTS = {
+    "resnet18": (False, (2, 2, 2, 2)),
+    "resnet34": (False, (3, 4, 6, 3)),
+    "resnet50": (True, (3, 4, 6, 3)),
+    "resnet101": (True, (3, 4, 23, 3)),
+}
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+def _residual_block(block: ResidualBlock, x: Tensor) -> Tensor:
+    """relu(body(x) + shortcut(x)), with each norm folded into its conv."""
     out = F.relu(conv_norm(x, block.conv1, block.bn1), inplace=True)
     out = conv_norm(out, block.conv2, block.bn2)
-    if hasattr(block, "conv3"):
+    if block.bottleneck:
         out = conv_norm(F.relu(out, inplace=True), block.conv3, block.bn3)
     if block.downsample is not None:
         x = conv_norm(x, block.downsample[0], block.downsample[1])
     return F.relu(out.add_(x), inplace=True)
 
 
+class ResidualBlock(nn.Module):
+    """One ResNet block under torchvision's names, so its state dicts load as they are:
+    conv1/bn1 and conv2/bn2 (3x3, 3x3), or in a bottleneck conv1/bn1, conv2/bn2 and
+    conv3/bn3 (1x1, 3x3 with the stride, 1x1 to 4x width); ``downsample`` (a 1x1 conv
+    and its norm) where the block changes the shape.
+
+    Args:
+        cin (int): input channels.
+        width (int): the block's inner channels.
+        stride (int): 2 in a stage's first block from the second stage on, else 1.
+        bottleneck (bool): ResNet-50 and deeper.
+        norm_layer (Callable[[int], nn.Module]): the norm after each conv.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        width: int,
+        stride: int,
+        bottleneck: bool,
+        norm_layer: Callable[[int], nn.Module],
+    ):
+        super().__init__()
+        self.bottleneck = bottleneck
+        cout = width * (4 if bottleneck else 1)
+        # Made before the block's own convs, in torchvision's order (see ResNetBody).
+        downsample = None
+        if stride != 1 or cin != cout:
+            downsample = nn.Sequential(_conv(cin, cout, 1, stride), norm_layer(cout))
+        if bottleneck:
+            self.conv1, self.bn1 = _conv(cin, width, 1), norm_layer(width)
+            self.conv2, self.bn2 = _conv(width, width, 3, stride), norm_layer(width)
+            self.conv3, self.bn3 = _conv(width, cout, 1), norm_layer(cout)
+        else:
+            self.conv1, self.bn1 = _conv(cin, width, 3, stride), norm_layer(width)
+            self.conv2, self.bn2 = _conv(width, width, 3), norm_layer(width)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _residual_block(self, x)
+
+
 class ResNetBody(nn.Module):
-    """A torchvision ResNet without its classifier, returning C2..C5 (strides 4..32).
+    """A ResNet without its classifier (torchvision's layers and names), returning C2..C5
+    (strides 4..32). Built here rather than by torchvision: see maskrcnn/ops.py.
 
     Stages below the top cfg.trainable_layers are frozen (requires_grad False).
 
@@ -118,17 +175,28 @@ class ResNetBody(nn.Module):
                 return FrozenBatchNorm2d(c, eps=cfg.frozen_bn_eps)
         else:
             norm_layer = nn.BatchNorm2d
-        net = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_layer)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = (
-            net.layer1,
-            net.layer2,
-            net.layer3,
-            net.layer4,
-        )
-        block = net.layer1[0]
-        expansion = 4 if hasattr(block, "conv3") else 1
+        bottleneck, depths = _LAYOUTS[cfg.backbone]
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(64)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        cin, expansion = 64, 4 if bottleneck else 1
+        for stage, depth in enumerate(depths):
+            width, blocks = 64 * 2**stage, []
+            for i in range(depth):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(ResidualBlock(cin, width, stride, bottleneck, norm_layer))
+                cin = width * expansion
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.out_channels = [64 * expansion * 2**i for i in range(4)]
+        # torchvision's classifier is made here and its weights drawn; made and dropped, so
+        # that a seed gives the weights it gives torchvision's ResNet (seeded models stay).
+        nn.Linear(cin, 1000)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
         # Freeze the stages below the trainable ones (conv1 counts as a stage).
         trainable = _STAGES[: cfg.trainable_layers]
         for name, p in self.named_parameters():

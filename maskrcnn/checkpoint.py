@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
 from maskrcnn.config import MaskRCNNConfig
 from maskrcnn.model import MaskRCNN
@@ -232,6 +231,10 @@ def _rename_torchvision_key(key: str) -> str:
 
 def coco_class_names() -> list[str]:
     """torchvision's 91 COCO category names (index = label; "N/A" for unused ids)."""
+    # lazy: only torchvision imports need them, and torchvision's package is slow to import
+    # (maskrcnn/ops.py)
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
     return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 

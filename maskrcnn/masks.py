@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maskrcnn.ops import roi_align
+
 # Elements of one chunk of float work while pasting (about 256 MB of fp32).
 PASTE_CHUNK_ELEMENTS = 64 * 1024 * 1024
 
@@ -33,10 +35,6 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) ->
     Returns:
         Tensor[K, size, size]: 0/1 targets, in the boxes' dtype.
     """
-    # lazy: torchvision.ops loads torch._dynamo (1.1 s, measured); pasting, which the
-    # segment encode stage imports this module for, needs none of it
-    from torchvision.ops import roi_align
-
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size))
     rois = torch.cat([matched[:, None].to(boxes.dtype), boxes], dim=1)

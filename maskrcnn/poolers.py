@@ -17,7 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
+
+from maskrcnn.ops import roi_align
 
 # RoIs per embedding_bag call: bounds the index/weight tensors (about 25 MB at 7x7).
 _ROIS_PER_CHUNK = 2048
@@ -258,11 +259,4 @@ def _align_level(
     [R, C, n, n] by torchvision's."""
     if gathered:
         return roi_align_gathered(feat, rois, output_size, scale, sampling_ratio, aligned)
-    return roi_align(
-        feat.float(),
-        rois,
-        output_size=output_size,
-        spatial_scale=scale,
-        sampling_ratio=sampling_ratio,
-        aligned=aligned,
-    )
+    return roi_align(feat.float(), rois, output_size, scale, sampling_ratio, aligned)

@@ -47,7 +47,11 @@ def test_conv_norm_fold_equals_conv_then_norm_in_value_and_gradient(kind):
 
 
 def test_folded_backbone_equals_the_unfolded_torchvision_body():
-    """The ResNet body with folded norms gives torchvision's own forward's features."""
+    """The ResNet body with folded norms gives torchvision's own ResNet's features, its
+    weights loaded into torchvision's model by their names."""
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
     cfg = MaskRCNNConfig.preset("tiny", num_classes=3)
     cfg.norm = "frozen_bn"
     model = MaskRCNN(cfg).eval().requires_grad_(False)
@@ -60,12 +64,16 @@ def test_folded_backbone_equals_the_unfolded_torchvision_body():
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     body = model.backbone.body
+    tv = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+    missing, unexpected = tv.load_state_dict(body.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    tv.eval()
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         got = body(x)
-        y = body.maxpool(body.relu(body.bn1(body.conv1(x))))
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
         want = []
-        for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
+        for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
             y = layer(y)  # torchvision's Bottleneck/BasicBlock.forward, norms unfolded
             want.append(y)
     for g, w in zip(got, want):

@@ -29,10 +29,11 @@ from helpers.torch_threads import one_thread  # noqa: F401
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import box_iou
 
 from maskrcnn import MaskRCNN
 from maskrcnn.checkpoint import CheckpointError, from_torchvision
+from maskrcnn.ops import FrozenBatchNorm2d
 
 MIN_SIZE, MAX_SIZE = 256, 427
 # Proposals kept after the RPN's NMS, on both sides: with the default 1000 the
