@@ -27,6 +27,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import pyarrow as pa
@@ -291,4 +292,9 @@ def _new_spec(model: Any, source: ModelSource, inputs: Input, opts: SegmentOptio
 
 def _versions() -> dict[str, str]:
     names = ("maskrcnn", "torch", "torchvision", "ray", "pyarrow")
-    return {name: sys.modules[name].__version__ for name in names}  # all loaded by now
+    # All loaded by now but torchvision, whose package the model never imports (its op
+    # library is loaded alone, maskrcnn/ops.py): its installed version.
+    return {
+        name: sys.modules[name].__version__ if name in sys.modules else version(name)
+        for name in names
+    }
