@@ -92,7 +92,7 @@ def conv_block(
 
 
 # backbone -> (bottleneck blocks, blocks per stage), as torchvision's ResNets are built
-_LAYOUTS = {
+RESNET_LAYOUTS = {
     "resnet18": (False, (2, 2, 2, 2)),
     "resnet34": (False, (3, 4, 6, 3)),
     "resnet50": (True, (3, 4, 6, 3)),
@@ -175,7 +175,7 @@ class ResNetBody(nn.Module):
                 return FrozenBatchNorm2d(c, eps=cfg.frozen_bn_eps)
         else:
             norm_layer = nn.BatchNorm2d
-        bottleneck, depths = _LAYOUTS[cfg.backbone]
+        bottleneck, depths = RESNET_LAYOUTS[cfg.backbone]
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)

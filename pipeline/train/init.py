@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from maskrcnn import MaskRCNN, MaskRCNNConfig
+from maskrcnn.backbone import RESNET_LAYOUTS
 from maskrcnn.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -38,12 +39,7 @@ from pipeline import storage
 MASK_RCNN_KEY = "roi_heads.box_predictor.cls_score.weight"
 NOT_A_CLASS = ("N/A", "__background__")  # torchvision's unused COCO ids, and the background
 # (blocks per stage, bottleneck) -> torchvision ResNet name
-RESNETS = {
-    ((2, 2, 2, 2), False): "resnet18",
-    ((3, 4, 6, 3), False): "resnet34",
-    ((3, 4, 6, 3), True): "resnet50",
-    ((3, 4, 23, 3), True): "resnet101",
-}
+RESNETS = {(depths, bottleneck): name for name, (bottleneck, depths) in RESNET_LAYOUTS.items()}
 
 
 @dataclass
