@@ -13,6 +13,7 @@ so a roi_align that must be differentiated goes through ``torchvision.ops``.
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import importlib.util
 from pathlib import Path
@@ -21,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 _LIBRARY_NAMES = ("_C_stable", "_C")  # torchvision 0.29's name, then older releases'
-_loaded = False
 
 
 def _compiled_library() -> Path | None:
@@ -37,16 +37,14 @@ def _compiled_library() -> Path | None:
     return None
 
 
+@functools.cache
 def _ops():
     """``torch.ops.torchvision``, its library loaded once per process."""
-    global _loaded
-    if not _loaded:
-        library = _compiled_library()
-        if library is None:
-            import torchvision.ops  # noqa: F401  loads the library itself
-        else:
-            torch.ops.load_library(str(library))
-        _loaded = True
+    library = _compiled_library()
+    if library is None:
+        import torchvision.ops  # noqa: F401  loads the library itself
+    else:
+        torch.ops.load_library(str(library))
     return torch.ops.torchvision
 
 
