@@ -219,7 +219,7 @@ def test_stall_ends_with_an_error_and_a_rerun_completes_once(shapes_cluster, dat
     assert 0 < committed < len(many), committed
 
     shapes_cluster.add_node(3)
-    again = run_cli(argv, shapes_cluster.env, timeout=420)
+    again = run_cli(argv, shapes_cluster.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{committed} of {len(many)} images already committed" in again.stdout + again.stderr
     table, _ = read_back(str(out))

@@ -256,7 +256,7 @@ class LocalRayCluster:
             node_id = self._node_id(node)
         except ClusterError:
             return False
-        return any(n["node_id"] == node_id and n["state"] == "ALIVE" for n in self.nodes())
+        return any(n["node_id"] == node_id for n in self.alive_nodes())
 
     def _spawn(self, name: str, num_cpus: int, head: bool) -> Node:
         ports = {
