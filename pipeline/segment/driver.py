@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
-import pyarrow as pa
-
 from pipeline.cluster import init_ray
 from pipeline.segment.inputs.kinds import Input
 from pipeline.segment.inputs.listing import InputListing
@@ -153,8 +151,12 @@ def build_dataset(job: PipelineJob) -> Any:
 
     where = {"output_uri": job.output[0], "output_options": job.output[1]}
     res = job.res
+    ranges = _ranges(job.plan, job.pending, res.rows_per_block)
     dataset = (
-        ray.data.from_arrow(_ranges(job.plan, job.pending, res.rows_per_block))
+        # from_items builds each block's metadata here; from_arrow runs a Ray task per
+        # block for it before the pipeline starts (a worker start on the critical path,
+        # and one task per range of a large plan).
+        ray.data.from_items(ranges, override_num_blocks=len(ranges))
         .map_batches(
             expand_shards,
             batch_size=None,  # a block: one range of one shard
@@ -257,17 +259,16 @@ def _listing_if_planning(
     return InputListing.begin(inputs)
 
 
-def _ranges(plan: Plan, shards: list[int], per_block: int) -> list[pa.Table]:
-    """The pipeline's input: for each shard, its rows in ranges of ``per_block``, one
-    Arrow table (a block) each: shard, start, stop, shard_rows."""
-    blocks = []
+def _ranges(plan: Plan, shards: list[int], per_block: int) -> list[dict[str, int]]:
+    """The pipeline's input: for each shard, its rows in ranges of ``per_block``, one row
+    (a block of its own) each: shard, start, stop, shard_rows."""
+    ranges = []
     for shard in shards:
         size = plan.rows(shard)
         for start in range(0, size, per_block):
             stop = min(size, start + per_block)
-            columns = {"shard": shard, "start": start, "stop": stop, "shard_rows": size}
-            blocks.append(pa.table({k: pa.array([v], pa.int64()) for k, v in columns.items()}))
-    return blocks
+            ranges.append({"shard": shard, "start": start, "stop": stop, "shard_rows": size})
+    return ranges
 
 
 def _new_spec(model: Any, source: ModelSource, inputs: Input, opts: SegmentOptions) -> dict:
