@@ -87,8 +87,9 @@ def match_detections(
 
 
 def machine_info(load_before: Any, load_after: Any) -> dict[str, Any]:
-    """The "machine" record of a result: CPUs, platform and the load around the run."""
+    """The "machine" record of a result: the CPU, platform and the load around the run."""
     return {
+        "device": device_name(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "load_avg_before": load_before,
