@@ -59,18 +59,22 @@ def model_from_bytes(data: bytes, uri: str = "checkpoint"):
     )
 
 
-def load_model(source: ModelSource, options: dict[str, Any] | None = None):
-    """(model, safetensors bytes for the actors) from ``source``; CPU, eval mode."""
+def read_model(source: ModelSource, options: dict[str, Any] | None = None) -> bytes:
+    """``source``'s bytes: a missing file or a folder fails here, before torch loads."""
+    return _read(source.uri, options)
+
+
+def build_model(source: ModelSource, data: bytes):
+    """(model, safetensors bytes for the actors) from ``source``'s bytes ``data``; CPU,
+    eval mode."""
     from maskrcnn.checkpoint import (  # lazy: as in model_from_bytes
         from_torchvision,
         state_dict_bytes,
         torchvision_state_from_bytes,
     )
 
-    data = _read(source.uri, options)
     if source.checkpoint is not None:
-        model = model_from_bytes(data, redact(source.uri))
-        return model, data
+        return model_from_bytes(data, redact(source.uri)), data
     # torchvision publishes pickles; they load with weights_only=True: tensors, never code.
     state = torchvision_state_from_bytes(data, f"--torchvision-weights {redact(source.uri)}")
     model = from_torchvision(state, variant=source.variant, num_classes=source.num_classes)
