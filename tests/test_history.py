@@ -9,40 +9,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from helpers import outputs_fixture as outputs
 from helpers.cli import run_cli as maskrcnn
-from helpers.outputs_fixture import (
-    MODEL_ID,
-    error_row,
-    instance,
-    ok_row,
-    rect_mask,
-    write_output,
-    write_table_output,
-)
 
 from pipeline.output.results import open_results
 from pipeline.output.schema import committed_files
 
 H, W = 32, 40
-SQUARE = rect_mask(H, W, 2, 3, 12, 15)
+SQUARE = outputs.rect_mask(H, W, 2, 3, 12, 15)
 
 
 def first_run() -> list[dict]:
     """Run 1: a (one detection), b (none), c (none), d (an error row). The second part
     has no detection at all: its statistics must still see the model column."""
     return [
-        ok_row("s3://in/a.jpg", W, H, [instance(1, "square", 0.9, SQUARE)]),
-        ok_row("s3://in/b.jpg", W, H, []),
-        ok_row("s3://in/c.jpg", W, H, []),
-        error_row("s3://in/d.jpg", "decode: image file is truncated"),
+        outputs.ok_row("s3://in/a.jpg", W, H, [outputs.instance(1, "square", 0.9, SQUARE)]),
+        outputs.ok_row("s3://in/b.jpg", W, H, []),
+        outputs.ok_row("s3://in/c.jpg", W, H, []),
+        outputs.error_row("s3://in/d.jpg", "decode: image file is truncated"),
     ]
 
 
 def second_run() -> list[dict]:
     """Run 2 redoes the part holding c and d: c again (now 0.6), d gone, e new."""
     return [
-        ok_row("s3://in/c.jpg", W, H, [instance(1, "square", 0.6, SQUARE)]),
-        ok_row("s3://in/e.jpg", W, H, [instance(1, "square", 0.8, SQUARE)]),
+        outputs.ok_row("s3://in/c.jpg", W, H, [outputs.instance(1, "square", 0.6, SQUARE)]),
+        outputs.ok_row("s3://in/e.jpg", W, H, [outputs.instance(1, "square", 0.8, SQUARE)]),
     ]
 
 
@@ -51,9 +43,11 @@ def table(tmp_path):
     """Versions 0 (run 1), 1 (the table properties) and 2 (run 2, which removes the part
     holding c and d and adds one holding c and e)."""
     out = str(tmp_path / "table")
-    assert write_table_output(out, first_run(), rows_per_file=2) == 0
+    assert outputs.write_table_output(out, first_run(), rows_per_file=2) == 0
     removes = ["run-000001/part-000001.parquet"]
-    assert write_table_output(out, second_run(), run_id="run-2", seq=2, removes=removes) == 2
+    assert (
+        outputs.write_table_output(out, second_run(), run_id="run-2", seq=2, removes=removes) == 2
+    )
     return out
 
 
@@ -85,7 +79,7 @@ def test_history_lists_every_commit_newest_first(table):
     assert [c["run_id"] for c in commits] == ["run-2", None, "test-run-1"]
     changes = [[c[k] for k in ("added", "replaced", "removed", "errors")] for c in commits]
     assert changes == [[1, 1, 1, 0], [None] * 4, [4, 0, 0, 1]]
-    assert commits[0]["model"] == commits[2]["model"] == MODEL_ID
+    assert commits[0]["model"] == commits[2]["model"] == outputs.MODEL_ID
     times = [c["time"] for c in commits]
     assert all(t.endswith("Z") and "T" in t for t in times) and times == sorted(times, reverse=True)
 
@@ -97,14 +91,14 @@ def test_history_lists_every_commit_newest_first(table):
         "errors",
     ]  # fmt: skip
     body = [[c.strip() for c in line.split("|")] for line in lines[2:5]]
-    assert body[0] == ["2", times[0], "segment", "run-2", MODEL_ID, "1", "1", "1", "0"]
+    assert body[0] == ["2", times[0], "segment", "run-2", outputs.MODEL_ID, "1", "1", "1", "0"]
     assert body[1][:3] == ["1", times[1], "SET TBLPROPERTIES"] and not any(body[1][3:])
     assert body[2][0] == "0" and body[2][5:] == ["4", "0", "0", "1"]
 
 
 def test_history_of_a_folder_output_is_one_line(tmp_path):
     out = str(tmp_path / "folder")
-    write_output(out, first_run())
+    outputs.write_output(out, first_run())
     commits = history(out)
     assert len(commits) == 1
     assert commits[0]["version"] is None and commits[0]["operation"] == "folder format"
@@ -113,7 +107,7 @@ def test_history_of_a_folder_output_is_one_line(tmp_path):
     assert table[2].split("|")[0].strip() == "-" and "folder format" in table[2]
 
     unfinished = str(tmp_path / "unfinished")
-    write_output(unfinished, first_run(), commit=False)
+    outputs.write_output(unfinished, first_run(), commit=False)
     assert "did not finish" in one_line_error(maskrcnn("history", unfinished), "history")
 
 
@@ -150,7 +144,7 @@ def test_as_of_reads_the_version_current_at_that_time(table):
 
 def test_a_folder_output_still_reads_and_refuses_versions(tmp_path):
     out = str(tmp_path / "folder")
-    write_output(out, first_run())
+    outputs.write_output(out, first_run())
     assert query(out) == {"a.jpg": pytest.approx(0.9), "b.jpg": None, "c.jpg": None, "d.jpg": None}
     for flags in (["--version", "0"], ["--as-of", "2026-01-01"]):
         line = one_line_error(maskrcnn("query", out, "SELECT 1", *flags), "query")

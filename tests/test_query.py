@@ -11,16 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import outputs_fixture as outputs
 from helpers.cli import run_cli as maskrcnn
-from helpers.outputs_fixture import (
-    disc_mask,
-    error_row,
-    instance,
-    ok_row,
-    rect_mask,
-    write_output,
-    write_table_output,
-)
 from pycocotools import mask as mask_utils
 
 from pipeline.output.results import open_results
@@ -31,19 +23,19 @@ H, W = 48, 64
 
 def fixture_rows() -> list[dict]:
     """Three ok images (2, 0 and 1 detections) and one error row, with known masks."""
-    sq = rect_mask(H, W, 4, 6, 20, 30)
-    disc = disc_mask(H, W, 40, 20, 8)
-    big = rect_mask(H, W, 10, 10, 60, 40)
+    sq = outputs.rect_mask(H, W, 4, 6, 20, 30)
+    disc = outputs.disc_mask(H, W, 40, 20, 8)
+    big = outputs.rect_mask(H, W, 10, 10, 60, 40)
     return [
-        ok_row(
+        outputs.ok_row(
             "s3://in/a/cat.jpg",
             W,
             H,
-            [instance(1, "square", 0.9, sq), instance(2, "circle", 0.75, disc)],
+            [outputs.instance(1, "square", 0.9, sq), outputs.instance(2, "circle", 0.75, disc)],
         ),
-        ok_row("s3://in/a/empty.jpg", W, H, []),
-        ok_row("s3://in/b/dog.png", W, H, [instance(1, "square", 0.5, big)]),
-        error_row("s3://in/b/broken.jpg", "decode: image file is truncated"),
+        outputs.ok_row("s3://in/a/empty.jpg", W, H, []),
+        outputs.ok_row("s3://in/b/dog.png", W, H, [outputs.instance(1, "square", 0.5, big)]),
+        outputs.error_row("s3://in/b/broken.jpg", "decode: image file is truncated"),
     ]
 
 
@@ -51,7 +43,7 @@ def fixture_rows() -> list[dict]:
 def output(tmp_path, request):
     """The fixture rows committed to a Delta table, and in the previous folder format."""
     out = tmp_path / "out"
-    write = write_table_output if request.param == "table" else write_output
+    write = outputs.write_table_output if request.param == "table" else outputs.write_output
     write(str(out), fixture_rows(), rows_per_file=2)
     return out
 
@@ -82,12 +74,12 @@ def test_views_hold_every_row_and_flatten_instances(output):
     ).fetchall()[0]
     assert list(box) == [32.0, 12.0, 49.0, 29.0]
     decoded = mask_utils.decode({"size": [h, w], "counts": counts.encode()}).astype(bool)
-    assert np.array_equal(decoded, disc_mask(H, W, 40, 20, 8))
+    assert np.array_equal(decoded, outputs.disc_mask(H, W, 40, 20, 8))
 
 
 def test_only_manifest_files_are_read(output):
     # A part file left by a killed run, not in the manifest, must stay invisible.
-    stray = pa.Table.from_pylist([ok_row("s3://in/stray.jpg", W, H, [])] * 3, schema=SCHEMA)
+    stray = pa.Table.from_pylist([outputs.ok_row("s3://in/stray.jpg", W, H, [])] * 3, schema=SCHEMA)
     pq.write_table(stray, output / "part-99999.parquet")
     results = open_results(str(output))
     assert results.num_rows() == 4
@@ -97,7 +89,7 @@ def test_only_manifest_files_are_read(output):
 
 def test_uncommitted_output_is_refused(tmp_path):
     out = tmp_path / "out"
-    write_output(str(out), fixture_rows(), commit=False)
+    outputs.write_output(str(out), fixture_rows(), commit=False)
     with pytest.raises(IncompleteOutputError, match="did not finish"):
         open_results(str(out))
     proc = maskrcnn("query", str(out), "SELECT 1")
@@ -109,7 +101,7 @@ def test_uncommitted_output_is_refused(tmp_path):
 
 def test_s3_output(s3_server, s3_bucket):
     uri = f"s3://{s3_bucket}/runs/out"
-    write_output(uri, fixture_rows(), options=s3_server["storage_options"], rows_per_file=2)
+    outputs.write_output(uri, fixture_rows(), options=s3_server["storage_options"], rows_per_file=2)
     con = open_results(uri, s3_server["storage_options"]).connect()
     assert con.sql("SELECT count(*) FROM instances").fetchall()[0][0] == 3
     # The CLI reaches the endpoint through AWS_ENDPOINT_URL (set by the fixture).

@@ -6,16 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import outputs_fixture as outputs
 from helpers.cli import run_cli as maskrcnn
-from helpers.outputs_fixture import (
-    disc_mask,
-    error_row,
-    instance,
-    ok_row,
-    rect_mask,
-    write_output,
-    write_table_output,
-)
 from PIL import Image
 
 from pipeline.output.render import MASK_ALPHA, label_colour, overlay_name
@@ -50,20 +42,20 @@ def scene(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(np.rot90(rotated, k=1).copy()).save(src / "b" / "turned.png", exif=exif)
-    square = rect_mask(H, W, 10, 30, 40, 60)
-    disc = disc_mask(H, W, 70, 45, 12)
+    square = outputs.rect_mask(H, W, 10, 30, 40, 60)
+    disc = outputs.disc_mask(H, W, 70, 45, 12)
     detections = {
         str(src / "a" / "pic.png"): [
-            instance(1, "square", 0.9, square),
-            instance(2, "circle", 0.7, disc),
+            outputs.instance(1, "square", 0.9, square),
+            outputs.instance(2, "circle", 0.7, disc),
         ],
-        str(src / "b" / "pic.png"): [instance(2, "circle", 0.95, disc)],
-        str(src / "b" / "turned.png"): [instance(1, "square", 0.8, square)],
+        str(src / "b" / "pic.png"): [outputs.instance(2, "circle", 0.95, disc)],
+        str(src / "b" / "turned.png"): [outputs.instance(1, "square", 0.8, square)],
     }
-    rows = [ok_row(uri, W, H, dets) for uri, dets in detections.items()]
-    rows.append(error_row(str(src / "b" / "broken.jpg"), "decode: empty file"))
+    rows = [outputs.ok_row(uri, W, H, dets) for uri, dets in detections.items()]
+    rows.append(outputs.error_row(str(src / "b" / "broken.jpg"), "decode: empty file"))
     out = tmp_path / "out"
-    write_output(str(out), rows)
+    outputs.write_output(str(out), rows)
     originals = {
         str(src / "a" / "pic.png"): cat,
         str(src / "b" / "pic.png"): dog,
@@ -130,8 +122,10 @@ def test_where_and_limit_select_images(scene, tmp_path):
 def test_a_table_renders_its_latest_version_unless_asked(scene, tmp_path):
     _, detections, _ = scene
     table = str(tmp_path / "table")
-    write_table_output(table, [ok_row(u, W, H, d) for u, d in detections.items()], rows_per_file=2)
-    write_table_output(table, [], seq=2, removes=["run-000001/part-000001.parquet"])
+    outputs.write_table_output(
+        table, [outputs.ok_row(u, W, H, d) for u, d in detections.items()], rows_per_file=2
+    )
+    outputs.write_table_output(table, [], seq=2, removes=["run-000001/part-000001.parquet"])
     latest = maskrcnn("render", table, str(tmp_path / "latest"))
     first = maskrcnn("render", table, str(tmp_path / "first"), "--version", "0")
     assert latest.returncode == first.returncode == 0, latest.stderr + first.stderr
@@ -155,7 +149,7 @@ def test_bad_where_and_unfinished_output_are_one_line_errors(scene, tmp_path):
     assert proc.returncode == 2 and not leak.exists()
 
     unfinished = tmp_path / "unfinished"
-    write_output(str(unfinished), [ok_row("/nope.png", W, H, [])], commit=False)
+    outputs.write_output(str(unfinished), [outputs.ok_row("/nope.png", W, H, [])], commit=False)
     proc = maskrcnn("render", str(unfinished), str(tmp_path / "z"))
     assert proc.returncode == 2
     assert (
@@ -169,10 +163,15 @@ def test_changed_or_missing_source_is_skipped_with_a_warning(tmp_path):
     src = tmp_path / "img.png"
     Image.fromarray(noise_image(3, 40, 50)).save(src)  # not the size the run recorded
     rows = [
-        ok_row(str(src), W, H, [instance(1, "square", 0.9, rect_mask(H, W, 1, 1, 5, 5))]),
-        ok_row(str(tmp_path / "gone.png"), W, H, []),
+        outputs.ok_row(
+            str(src),
+            W,
+            H,
+            [outputs.instance(1, "square", 0.9, outputs.rect_mask(H, W, 1, 1, 5, 5))],
+        ),
+        outputs.ok_row(str(tmp_path / "gone.png"), W, H, []),
     ]
-    write_output(str(tmp_path / "out"), rows)
+    outputs.write_output(str(tmp_path / "out"), rows)
     proc = maskrcnn("render", str(tmp_path / "out"), str(tmp_path / "png"))
     assert proc.returncode == 1
     assert "the image is now 50x40, the run saw 96x72" in proc.stderr

@@ -15,18 +15,9 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
+from helpers import segment_data
 from helpers.inventory_report import csv_gz, manifest
 from helpers.proc import kill_group, maskrcnn_process
-from helpers.segment_data import (
-    assert_exactly_once,
-    assert_only_committed,
-    make_images,
-    opts,
-    read_back,
-    tiny_model,
-    write_local,
-    write_s3,
-)
 
 from pipeline.output.table import APP_ID, FAULT_AFTER_COMMIT_ENV, LOG_DIR, load_table
 from pipeline.segment.driver import segment
@@ -39,7 +30,7 @@ def model_path(tmp_path_factory):
     from maskrcnn.checkpoint import save
 
     path = str(tmp_path_factory.mktemp("models") / "tiny.safetensors")
-    save(tiny_model(0), path)
+    save(segment_data.tiny_model(0), path)
     return path
 
 
@@ -70,7 +61,9 @@ def _marker(path: Path) -> tuple[Path, str]:
 def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identically(
     tmp_path, model_path
 ):
-    uris = write_local(tmp_path / "in", make_images(16, seed=5, odd=False))
+    uris = segment_data.write_local(
+        tmp_path / "in", segment_data.make_images(16, seed=5, odd=False)
+    )
     out = tmp_path / "out"
     args = [
         str(tmp_path / "in"), str(out), "--model", model_path, "--batch-size", "2",
@@ -114,17 +107,17 @@ def test_a_part_whose_task_died_before_reporting_is_adopted_or_rewritten_identic
     assert table_now.version() == committed_once + 1  # the properties, no second commit
     assert table_now.transaction_version(APP_ID) == 1
     assert "maskrcnn.model" in table_now.metadata().configuration
-    table, manifest_ = read_back(str(out))
-    assert_exactly_once(table, uris)
+    table, manifest_ = segment_data.read_back(str(out))
+    segment_data.assert_exactly_once(table, uris)
     assert sorted(manifest_["files"]) == [f"run-000001/part-{i:06d}.parquet" for i in range(4)]
-    assert_only_committed(str(out))
+    segment_data.assert_only_committed(str(out))
 
 
 def test_s3_inventory_manifest_as_input(ray_local, s3_server, s3_bucket, model_path):
     storage = s3_server["storage_options"]
     fs = fsspec.filesystem("s3", **storage)
-    files = make_images(5, seed=2, odd=False)
-    images = write_s3(fs, f"{s3_bucket}/src", files)  # {uri: name}
+    files = segment_data.make_images(5, seed=2, odd=False)
+    images = segment_data.write_s3(fs, f"{s3_bucket}/src", files)  # {uri: name}
     names = sorted(images.values())
     # The report lists most images (one with its key URL-encoded, as S3 writes CSV),
     # one again in a second data file, a deleted one, an old version and a non-image.
@@ -146,11 +139,11 @@ def test_s3_inventory_manifest_as_input(ray_local, s3_server, s3_bucket, model_p
         report,
         out,
         ModelSource(checkpoint=model_path),
-        opts(rows_per_part=2, input_options=storage, output_options=storage),
+        segment_data.opts(rows_per_part=2, input_options=storage, output_options=storage),
     )
-    table, manifest_ = read_back(out, storage)
+    table, manifest_ = segment_data.read_back(out, storage)
     expected = [u for u, n in images.items() if n in names[1:]]
-    assert_exactly_once(table, expected)
+    segment_data.assert_exactly_once(table, expected)
     assert manifest_["input"] == report and len(manifest_["files"]) == -(-len(expected) // 2)
 
 
