@@ -34,9 +34,11 @@ from maskrcnn import MaskRCNN, MaskRCNNConfig
 from maskrcnn.checkpoint import load, model_id, read_metadata, save
 from pipeline.formats.coco import CocoDataset
 from pipeline.formats.shapes import make_shapes_dataset
+from pipeline.storage import get_fs
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.curves import CURVES_FILE, read_metrics
 from pipeline.train.data import BatchPlan, hflip, input_size, train_input_size
+from pipeline.train.progress import write_worker_status
 from pipeline.train.schedule import lr_factor
 from pipeline.train.spec import TrainSpec
 
@@ -284,6 +286,29 @@ def test_hflip_mirrors_image_masks_and_boxes_together(shapes):
     back_image, back = hflip(flipped_image, flipped)
     assert torch.equal(back_image, image) and torch.equal(back["boxes"], target["boxes"])
     assert torch.equal(back["masks"], target["masks"])
+
+
+def test_worker_status_survives_a_transient_storage_error(s3_server, s3_bucket, monkeypatch):
+    """A PUT that the store fails once (a reset connection) does not fail a worker's start:
+    the status is written on the next try."""
+    spec = TrainSpec(
+        data="d", model_config={}, iterations=1, batch_size=1, lr=0.1,
+        storage=f"s3://{s3_bucket}/run", storage_options=s3_server["storage_options"],
+    )  # fmt: skip
+    fs, _ = get_fs(spec.storage, spec.storage_options)  # the instance atomic_write gets
+    real, tries = fs.pipe_file, []
+
+    def reset_once(path, data, **kwargs):
+        tries.append(path)
+        if len(tries) == 1:
+            raise ConnectionResetError("connection reset by peer")
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(fs, "pipe_file", reset_once)
+    write_worker_status(spec, rank=1, world=2, start=7, shard_images=3)
+    status = json.loads(fs.cat_file(f"{s3_bucket}/run/workers/rank-1.json"))
+    assert len(tries) == 2 and status["pid"] == os.getpid()
+    assert (status["rank"], status["world_size"], status["start_iteration"]) == (1, 2, 7)
 
 
 def test_lr_schedule_warms_up_linearly_then_steps_down():
