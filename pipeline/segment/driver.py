@@ -257,7 +257,9 @@ def _load_model(
 def _work_is_certain(out: OutputDir, listing: InputListing | None, opts: SegmentOptions) -> bool:
     """Whether this run will segment images whatever the plan says: it plans anew
     (``listing``), and every listed image is to segment (OUTPUT holds no rows, or
-    --overwrite replaces them). An empty INPUT has failed by now (InputListing.begin)."""
+    --overwrite replaces them). An empty INPUT has failed by now (InputListing.begin).
+    A hint read before the lease: open_run reads OUTPUT's state again under it, and a
+    wrong hint costs only when Ray starts."""
     if listing is None:
         return False
     return opts.overwrite or not (has_table(out.uri, out.options) or out.exists(MANIFEST_NAME))
